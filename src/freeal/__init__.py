@@ -1,0 +1,7 @@
+"""freeal: label a text data set with no human in the loop (FreeAL, EMNLP 2023)."""
+
+from freeal.errors import FreeALError
+from freeal.tasks import Task, load_task
+
+__all__ = ["FreeALError", "Task", "load_task"]
+__version__ = "0.1.0"

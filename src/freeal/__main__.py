@@ -1,0 +1,3 @@
+from freeal.cli import main
+
+main()

@@ -1,0 +1,84 @@
+"""Configuration as plain, validated data.
+
+Every knob a user can set lives in a pydantic model with ``extra="forbid"``, so a misspelt key or a
+bad value is reported before any work starts, naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from freeal.errors import FreeALError
+
+
+def cache_root() -> Path:
+    """Where assembled models and cached LLM answers live: ``$FREEAL_CACHE_DIR`` or ``~/.cache/freeal``."""
+    return Path(os.environ.get("FREEAL_CACHE_DIR") or Path.home() / ".cache" / "freeal")
+
+
+class LLMConfig(BaseModel):
+    """Which annotator to use and how to run it.
+
+    ``calibrate``: contextual calibration on (True), off (False), or the measured default of the
+    embedded model (None; off for other models).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["llamacpp", "openai"] = "llamacpp"
+    model: str = "qwen2.5-coder-1.5b"
+    calibrate: bool | None = None
+    # llama.cpp
+    n_threads: int | None = Field(default=None, ge=1)
+    n_ctx: int = Field(default=4096, ge=256)
+    # OpenAI-compatible servers
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = Field(default=8, ge=1)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    timeout: float = Field(default=60.0, gt=0)
+    # where answers are cached; default: $FREEAL_CACHE_DIR or ~/.cache/freeal
+    cache_path: Path | None = None
+
+
+def validate(model: type[BaseModel], raw: dict, source: str) -> BaseModel:
+    """Validate ``raw`` against ``model``; the error names ``source``, the key and the problem."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise FreeALError(f"{source}: {where}: {first['msg']}") from exc
+
+
+class SLMConfig(BaseModel):
+    """The small model and its robust self-training (defaults follow FreeAL/DivideMix where they exist).
+
+    ``mode``: ``head`` trains a small head on frozen, cached sentence embeddings (fast on a CPU);
+    ``finetune`` trains the whole encoder with the head, as in the paper. ``lr`` defaults per mode.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str | None = None
+    mode: Literal["head", "finetune"] = "head"
+    robust: bool = True
+    epochs: int = Field(default=10, ge=1)
+    warmup_epochs: int = Field(default=2, ge=0)
+    batch_size: int = Field(default=32, ge=2)
+    lr: float | None = Field(default=None, gt=0)
+    max_length: int = Field(default=64, ge=8)
+    hidden: int = Field(default=256, ge=1)
+    clean_threshold: float = Field(default=0.7, gt=0, lt=1)
+    mixup_alpha: float = Field(default=4.0, gt=0)
+    lambda_u: float = Field(default=1.0, ge=0)
+    rampup_epochs: int = Field(default=3, ge=1)
+    sharpen_temperature: float = Field(default=0.5, gt=0)
+    device: str = "auto"
+    seed: int = 0

@@ -1,0 +1,386 @@
+"""Read user data sets into one typed structure, and write result files safely.
+
+Every reader ends in :class:`Items`: ids, texts, and (apart from them) gold labels. Gold labels are
+kept in their own field because they exist only for evaluation; the labeling code takes texts and
+never needs to look at them.
+
+Bad input raises one :class:`~freeal.errors.FreeALError` whose message names the file (or
+``<DataFrame>``), the row and the problem, e.g. ``data.jsonl: row 7: text is empty``, so that a user
+can fix a 100,000-row file without a debugger. Row numbers are 1-based: for JSONL the row number is
+the line number (blank lines are skipped but counted); for CSV/TSV, a DataFrame and a ``.json`` list
+it is the position among the data rows (the header is not a row).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import io
+import json
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from freeal.errors import FreeALError
+
+if TYPE_CHECKING:
+    from freeal.tasks import Task
+
+__all__ = ["Items", "read_items", "read_jsonl", "write_jsonl_atomic"]
+
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_SUFFIXES = (*_JSONL_SUFFIXES, ".json", ".csv", ".tsv")
+
+
+@dataclass
+class Items:
+    """A data set to label, one entry per row in every list.
+
+    ``gold`` is ``None`` when the data has no label column; otherwise it has one entry per row, and
+    an entry is ``None`` where that row has no label (null or empty), e.g. an LLM answer that could
+    not be parsed. ``extra`` carries the columns asked for with ``keep`` (e.g. back-translations).
+    """
+
+    ids: list[str]
+    texts: list[str]
+    gold: list[str | None] | None
+    source: str
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.texts)
+        lengths = [len(self.ids), *(len(v) for v in self.extra.values())]
+        if self.gold is not None:
+            lengths.append(len(self.gold))
+        if any(length != n for length in lengths):
+            raise ValueError("Items: ids, texts, gold and extra columns must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: Sequence[int]) -> Items:
+        """Rows at positions ``idx`` (in that order), e.g. a demonstration pool or a benchmark slice."""
+        pos = [int(i) for i in idx]
+        return Items(
+            ids=[self.ids[i] for i in pos],
+            texts=[self.texts[i] for i in pos],
+            gold=None if self.gold is None else [self.gold[i] for i in pos],
+            source=self.source,
+            extra={k: [v[i] for i in pos] for k, v in self.extra.items()},
+        )
+
+
+@dataclass
+class _Table:
+    """Raw rows before validation.
+
+    ``columns`` is known for tabular input (CSV/TSV/DataFrame), where a missing column is a
+    file-level problem; it is ``None`` for JSON input, where each object has its own keys.
+    """
+
+    source: str
+    rows: list[dict[str, Any]]
+    rownums: list[int]
+    columns: list[str] | None
+
+
+def read_items(
+    data: str | os.PathLike[str] | pd.DataFrame | Any,
+    *,
+    text_col: str = "text",
+    id_col: str | None = None,
+    label_col: str | None = "label",
+    keep: Sequence[str] = (),
+    task: Task | None = None,
+    limit: int | None = None,
+    seed: int | None = None,
+) -> Items:
+    """Read and validate a data set.
+
+    ``data`` is a path to a ``.jsonl``, ``.json`` (a list of objects), ``.csv`` or ``.tsv`` file, a
+    ``pandas.DataFrame``, or a Hugging Face ``datasets.Dataset`` (anything with ``to_pandas``).
+    TSV is read literally (no quote handling), as GLUE-style files are written; use CSV for texts
+    holding tabs or newlines.
+
+    The label column is optional: when it is absent, or ``label_col=None``, ``gold`` is ``None``.
+    With ``task`` (a classification task), every non-missing gold label must be one of its label
+    names, so that a typo in the data shows up before a costly run rather than as a bad score.
+    ``keep`` names extra columns to carry along in ``Items.extra``.
+
+    ``limit`` takes a fixed random slice of that many rows (``seed`` fixes it), kept in the original
+    order; the whole file is still validated, so a slice never hides a broken row.
+    """
+    table = _load(data)
+    if not table.rows:
+        raise FreeALError(f"{table.source}: no rows")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise FreeALError(f"limit must be a positive integer, got {limit!r}")
+    items = _validate(table, text_col, id_col, label_col, tuple(keep), task)
+    if limit is not None and limit < len(items):
+        pick = np.random.default_rng(seed).choice(len(items), size=limit, replace=False)
+        items = items.subset(sorted(int(i) for i in pick))
+    return items
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All objects of a JSONL file (blank lines skipped), for result and cache files.
+
+    Errors name the file and the line, like :func:`read_items`.
+    """
+    return _read_jsonl(Path(path)).rows
+
+
+def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
+    """Write ``rows`` as JSONL so that ``path`` holds either the old or the whole new content.
+
+    The rows go to a temporary file in the same folder, which then replaces ``path`` in one
+    ``os.replace``; a run killed halfway leaves no truncated result file behind to be mistaken for
+    a finished one. NumPy scalars and arrays are written as plain numbers and lists.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False, default=_json_default))
+                fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _load(data: Any) -> _Table:
+    if isinstance(data, pd.DataFrame):
+        return _from_frame(data, "<DataFrame>")
+    if isinstance(data, (str, os.PathLike)):
+        return _load_path(Path(data))
+    if hasattr(data, "to_pandas"):  # a datasets.Dataset, without importing datasets
+        frame = data.to_pandas()
+        if not isinstance(frame, pd.DataFrame):
+            raise FreeALError(
+                f"cannot read data of type {type(data).__name__}: to_pandas() gave no DataFrame"
+            )
+        return _from_frame(frame, f"<{type(data).__name__}>")
+    raise FreeALError(
+        f"cannot read data of type {type(data).__name__}: give a file path, a pandas DataFrame "
+        "or a datasets.Dataset"
+    )
+
+
+def _load_path(path: Path) -> _Table:
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise FreeALError(
+            f"{path}: unknown file type {suffix or '(none)'!r}; use one of {', '.join(_SUFFIXES)}"
+        )
+    if suffix in _JSONL_SUFFIXES:
+        return _read_jsonl(path)
+    text = _decode(path, _read_bytes(path), unit="line")
+    if suffix == ".json":
+        return _parse_json_list(path, text)
+    return _parse_delimited(path, text, sep="\t" if suffix == ".tsv" else ",")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FreeALError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+
+
+def _decode(path: Path, raw: bytes, unit: str) -> str:
+    """UTF-8 text of a whole file (a leading BOM dropped); a bad byte is reported with its line."""
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise FreeALError(
+            f"{path}: {unit} {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {col}); "
+            "save the file as UTF-8"
+        ) from exc
+
+
+def _read_jsonl(path: Path) -> _Table:
+    text = _decode(path, _read_bytes(path), unit="row")
+    rows: list[dict[str, Any]] = []
+    rownums: list[int] = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FreeALError(f"{path}: row {n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        if not isinstance(obj, dict):
+            raise FreeALError(f"{path}: row {n}: not a JSON object (got {_describe(obj)})")
+        rows.append(obj)
+        rownums.append(n)
+    return _Table(str(path), rows, rownums, columns=None)
+
+
+def _parse_json_list(path: Path, text: str) -> _Table:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FreeALError(
+            f"{path}: line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+        ) from exc
+    if not isinstance(obj, list):
+        raise FreeALError(f"{path}: a .json data file must hold a list of objects (got {_describe(obj)})")
+    for n, row in enumerate(obj, start=1):
+        if not isinstance(row, dict):
+            raise FreeALError(f"{path}: row {n}: not a JSON object (got {_describe(row)})")
+    return _Table(str(path), obj, list(range(1, len(obj) + 1)), columns=None)
+
+
+def _parse_delimited(path: Path, text: str, sep: str) -> _Table:
+    # dtype=str and keep_default_na=False: "NA", "null" or "1e5" in a text column stay text.
+    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    try:
+        frame = pd.read_csv(
+            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, quoting=quoting, index_col=False
+        )
+    except pd.errors.EmptyDataError as exc:
+        raise FreeALError(f"{path}: no rows (the file is empty)") from exc
+    except (pd.errors.ParserError, ValueError, csv.Error) as exc:
+        kind = "TSV" if sep == "\t" else "CSV"
+        raise FreeALError(f"{path}: not valid {kind} ({str(exc).strip()})") from exc
+    return _from_frame(frame, str(path))
+
+
+def _from_frame(frame: pd.DataFrame, source: str) -> _Table:
+    frame = frame.rename(columns=str)
+    rows = frame.to_dict(orient="records")
+    return _Table(source, rows, list(range(1, len(rows) + 1)), columns=list(frame.columns))
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _validate(
+    table: _Table,
+    text_col: str,
+    id_col: str | None,
+    label_col: str | None,
+    keep: tuple[str, ...],
+    task: Task | None,
+) -> Items:
+    src = table.source
+    if table.columns is not None:
+        for col in (text_col, id_col, *keep):
+            if col is not None and col not in table.columns:
+                raise FreeALError(f"{src}: no column {col!r} (columns: {_listing(table.columns)})")
+        has_gold = label_col is not None and label_col in table.columns
+    else:
+        has_gold = label_col is not None and any(label_col in row for row in table.rows)
+    # NER tasks name entity types, not row labels, so only a classification task checks gold.
+    check = task if task is not None and task.kind == "classification" else None
+
+    ids: list[str] = []
+    texts: list[str] = []
+    gold: list[str | None] = []
+    extra: dict[str, list[Any]] = {col: [] for col in keep}
+    first_row_of: dict[str, int] = {}
+    for n, row in zip(table.rownums, table.rows, strict=True):
+        where = f"{src}: row {n}"
+        for col in (text_col, id_col, *keep):
+            if col is not None and col not in row:
+                raise FreeALError(f"{where}: no column {col!r} (keys: {_listing(row)})")
+
+        text = row[text_col]
+        if not isinstance(text, str):
+            raise FreeALError(f"{where}: {text_col} is not a string (got {_describe(text)})")
+        if not text.strip():
+            raise FreeALError(f"{where}: {text_col} is {'empty' if not text else 'only whitespace'}")
+        texts.append(text)
+
+        if id_col is None:
+            ids.append(str(len(ids)))
+        else:
+            rid = _scalar_str(row[id_col], where, id_col)
+            if rid is None:
+                raise FreeALError(f"{where}: {id_col} is empty")
+            if rid in first_row_of:
+                raise FreeALError(f"{where}: duplicate {id_col} {rid!r} (first at row {first_row_of[rid]})")
+            first_row_of[rid] = n
+            ids.append(rid)
+
+        if has_gold:
+            assert label_col is not None
+            label = _scalar_str(row.get(label_col), where, label_col)
+            if label is not None and check is not None and label not in check.labels:
+                raise FreeALError(
+                    f"{where}: {label_col} {label!r} is not in the label set of task {check.name!r} "
+                    f"({_listing(check.labels)})"
+                )
+            gold.append(label)
+
+        for col in keep:
+            value = row[col]
+            extra[col].append(None if _missing(value) else value)
+
+    return Items(ids=ids, texts=texts, gold=gold if has_gold else None, source=src, extra=extra)
+
+
+def _scalar_str(value: Any, where: str, col: str) -> str | None:
+    """An id or label as a string; ``None`` when missing (null, NaN, empty or whitespace)."""
+    if _missing(value):
+        return None
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    raise FreeALError(f"{where}: {col} is not a string or an integer (got {_describe(value)})")
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if _missing(value):
+        return "a missing value"
+    if isinstance(value, (bool, np.bool_)):
+        return f"boolean {str(bool(value)).lower()}"
+    if isinstance(value, (numbers.Number, str)):
+        return f"{type(value).__name__} {value!r}"
+    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+
+
+def _listing(names: Iterable[Any], most: int = 20) -> str:
+    names = [str(n) for n in names]
+    if not names:
+        return "none"
+    more = f", ... ({len(names)} in all)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -1,0 +1,72 @@
+"""What every annotator backend provides, whatever runs the model.
+
+A backend turns chat prompts into :class:`LabelScores`: one answer per prompt that is always a label
+of the set or an explicit abstention, never free text. Backends differ in how they get there
+(log-probabilities of label tokens in llama.cpp; logprobs or a strict parse on an OpenAI-compatible
+server), so the rest of freeal only sees this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol, TypedDict
+
+
+class Message(TypedDict):
+    role: str
+    content: str
+
+
+@dataclass
+class LabelScores:
+    """One annotator answer.
+
+    ``scores`` are log-scores per label in the order asked for (log-probability of the label's tokens
+    for scoring backends), or ``None`` when the backend could only name a label. ``label`` is ``None``
+    when the annotator abstained (no label could be had).
+    """
+
+    label: str | None
+    scores: list[float] | None
+    prompt_tokens: int = 0
+    evaluated_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> LabelScores:
+        return cls(**raw)
+
+
+class Annotator(Protocol):
+    """A labeling backend.
+
+    ``identity`` names everything that changes the answers (backend, model file or name, scoring
+    mode); the cache keys on it, so two annotators with the same identity must answer alike.
+    """
+
+    identity: str
+
+    def score_many(
+        self, prompts: Sequence[list[Message]], labels: Sequence[str]
+    ) -> Iterator[tuple[int, LabelScores]]:
+        """Answer every prompt; yield ``(index, answer)`` pairs as they complete, in any order."""
+        ...
+
+
+def softmax(scores: Sequence[float]) -> list[float]:
+    """Normalize log-scores into probabilities (stable for very negative log-probabilities)."""
+    top = max(scores)
+    exps = [math.exp(s - top) for s in scores]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def log_softmax(scores: Sequence[float]) -> list[float]:
+    top = max(scores)
+    log_total = top + math.log(sum(math.exp(s - top) for s in scores))
+    return [s - log_total for s in scores]

@@ -1,0 +1,128 @@
+"""The on-disk cache of LLM calls and the ledger of what a run spent.
+
+Every answer is stored in SQLite under a key made of the annotator's identity, the prompt, the label
+set and the scoring mode, and committed as soon as it arrives. A rerun, or a run resumed after a
+kill, therefore pays only for answers it has never received. WAL mode keeps a kill mid-write from
+corrupting what was committed before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from freeal.llm.base import Annotator, LabelScores, Message
+
+
+@dataclass
+class Ledger:
+    """What a run asked of the LLM: calls made, answers reused from the cache, tokens."""
+
+    calls: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    evaluated_tokens: int = 0
+    completion_tokens: int = 0
+    abstained: int = 0
+
+    def add(self, answer: LabelScores, *, cached: bool) -> None:
+        if cached:
+            self.cache_hits += 1
+        else:
+            self.calls += 1
+            self.prompt_tokens += answer.prompt_tokens
+            self.evaluated_tokens += answer.evaluated_tokens
+            self.completion_tokens += answer.completion_tokens
+        self.abstained += answer.label is None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def cache_key(identity: str, mode: str, messages: list[Message], labels: Sequence[str]) -> str:
+    payload = json.dumps([identity, mode, messages, list(labels)], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class CallCache:
+    """A SQLite table of answers keyed by :func:`cache_key`; safe to share between threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, LabelScores]:
+        found: dict[str, LabelScores] = {}
+        with self._lock:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(f"SELECT key, value FROM answers WHERE key IN ({marks})", chunk)
+                found.update((k, LabelScores.from_json(json.loads(v))) for k, v in rows)
+        return found
+
+    def put(self, key: str, answer: LabelScores) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)",
+                (key, json.dumps(answer.to_json())),
+            )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class CachedAnnotator:
+    """An annotator whose answers go through a :class:`CallCache`; counts everything in a :class:`Ledger`.
+
+    Only prompts missing from the cache reach the wrapped backend, and each answer is written the
+    moment it arrives, so killing a run loses at most the calls in flight.
+    """
+
+    def __init__(self, inner: Annotator, cache: CallCache, mode: str = "label-scores") -> None:
+        self.inner = inner
+        self.cache = cache
+        self.mode = mode
+        self.identity = inner.identity
+        self.ledger = Ledger()
+
+    def score_many(
+        self, prompts: Sequence[list[Message]], labels: Sequence[str]
+    ) -> Iterator[tuple[int, LabelScores]]:
+        keys = [cache_key(self.identity, self.mode, p, labels) for p in prompts]
+        hits = self.cache.get_many(keys)
+        missing: list[int] = []
+        for i, key in enumerate(keys):
+            if key in hits:
+                self.ledger.add(hits[key], cached=True)
+                yield i, hits[key]
+            else:
+                missing.append(i)
+        # Identical prompts inside one request are asked once; the copies reuse the answer.
+        copies: dict[str, list[int]] = {}
+        for i in missing:
+            copies.setdefault(keys[i], []).append(i)
+        todo = [group[0] for group in copies.values()]
+        for j, answer in self.inner.score_many([prompts[i] for i in todo], labels):
+            first, *rest = copies[keys[todo[j]]]
+            self.cache.put(keys[first], answer)
+            self.ledger.add(answer, cached=False)
+            yield first, answer
+            for i in rest:
+                self.ledger.add(answer, cached=True)
+                yield i, answer

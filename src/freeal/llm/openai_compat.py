@@ -1,0 +1,733 @@
+"""Annotator backend for any OpenAI-compatible chat-completions server.
+
+Works against OpenAI itself, vLLM, the llama.cpp server and Ollama: all speak
+``POST {base_url}/chat/completions``. Only :mod:`httpx` is used (no SDK), with an asyncio event loop
+run in a private thread so that the synchronous caller receives answers one by one as they complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import math
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from freeal.errors import FreeALError
+from freeal.llm.base import LabelScores, Message
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+#: How far below the least likely listed token a label absent from ``top_logprobs`` is put (nats).
+#: The server lists the ``top_logprobs`` most likely first tokens, so an absent label is less likely
+#: than all of them; 5 nats (~150x less likely than the last listed token) keeps it clearly last
+#: without the ``-inf`` that would break softmax-based calibration downstream.
+FLOOR_MARGIN = 5.0
+
+#: Characters stripped around an answer or a token before comparing it with label names.
+_EDGE_CHARS = " \t\r\n\"'`*_“”‘’«»"
+#: Characters additionally stripped at the end of an answer (trailing punctuation).
+_TRAILING_CHARS = _EDGE_CHARS + ".,;:!?)]}>"
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing and scoring (pure functions, no I/O)
+
+
+def _norm(text: str) -> str:
+    return text.strip(_EDGE_CHARS).lower()
+
+
+def parse_label(answer: str, labels: Sequence[str]) -> str | None:
+    """Strict parse of a free-text answer into one label, or ``None``.
+
+    The answer, stripped of surrounding whitespace, quotes and markdown emphasis and of trailing
+    punctuation, lowercased, must either equal a label (case-insensitive) or start with a label name
+    followed by a non-alphanumeric character ("Sports - the text is about ..."). When several labels
+    start the answer they are nested prefixes of one another ("World" / "World News"), and the
+    longest one is taken, which is the only reading of the text.
+    """
+    text = answer.strip(_EDGE_CHARS).rstrip(_TRAILING_CHARS).lower()
+    if not text:
+        return None
+    lowered = [label.lower() for label in labels]
+    for label, low in zip(labels, lowered, strict=True):
+        if text == low:
+            return label
+    starts = [
+        (len(low), label)
+        for label, low in zip(labels, lowered, strict=True)
+        if low and text.startswith(low) and not text[len(low)].isalnum()
+    ]
+    if not starts:
+        return None
+    return max(starts)[1]
+
+
+def first_token_candidates(choice: dict[str, Any]) -> list[tuple[str, float]] | None:
+    """``(token, logprob)`` alternatives for the first meaningful completion token, or ``None``.
+
+    Reads ``choices[i].logprobs.content[j].top_logprobs`` (OpenAI, vLLM, llama.cpp format). Leading
+    positions whose chosen token is only whitespace, a quote or markdown (``"``, ``**``) are skipped:
+    the label is decided at the first token that carries text. ``None`` when the server returned no
+    usable logprobs (e.g. Ollama, or a server that ignores ``logprobs``).
+    """
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        return None
+    content = logprobs.get("content")
+    if not isinstance(content, list) or not content:
+        return None
+    for position in content:
+        if not isinstance(position, dict):
+            return None
+        chosen = position.get("token")
+        if isinstance(chosen, str) and not chosen.strip(_EDGE_CHARS):
+            continue  # whitespace / quote / markdown before the answer proper
+        top = position.get("top_logprobs") or [position]
+        out: list[tuple[str, float]] = []
+        for entry in top:
+            if not isinstance(entry, dict):
+                continue
+            token, lp = entry.get("token"), entry.get("logprob")
+            if isinstance(token, str) and isinstance(lp, (int, float)) and math.isfinite(lp):
+                out.append((token, float(lp)))
+        return out or None
+    return None
+
+
+def label_scores_from_top(
+    candidates: Sequence[tuple[str, float]], labels: Sequence[str]
+) -> list[float] | None:
+    """Per-label log-scores from the first token's alternatives, or ``None`` if no label matches.
+
+    A token matches a label when the token, stripped of whitespace/quotes and lowercased, is a
+    non-empty prefix of the lowercased label ("Spor" and " sports" both match "Sports"). Each label
+    gets the log-probability of its best matching token; a label with no matching token gets
+    ``min(listed log-probs) - FLOOR_MARGIN`` (see :data:`FLOOR_MARGIN`).
+    """
+    if not candidates:
+        return None
+    floor = min(lp for _, lp in candidates) - FLOOR_MARGIN
+    lowered = [label.lower() for label in labels]
+    scores: list[float | None] = [None] * len(labels)
+    for token, lp in candidates:
+        norm = _norm(token)
+        if not norm:
+            continue
+        for i, low in enumerate(lowered):
+            if low.startswith(norm) and (scores[i] is None or lp > scores[i]):  # type: ignore[operator]
+                scores[i] = lp
+    if all(s is None for s in scores):
+        return None
+    return [floor if s is None else s for s in scores]
+
+
+def interpret(
+    answer: str, candidates: Sequence[tuple[str, float]] | None, labels: Sequence[str]
+) -> tuple[str | None, list[float] | None]:
+    """Label and scores for one server answer (see :class:`OpenAICompatAnnotator`)."""
+    parsed = parse_label(answer, labels)
+    scores = label_scores_from_top(candidates, labels) if candidates else None
+    if scores is None:
+        return parsed, None
+    best = max(scores)
+    tied = [labels[i] for i, s in enumerate(scores) if s == best]
+    # Several labels can share a first token ("S" for "Sports"/"Sci/Tech"): the text breaks the tie.
+    label = parsed if parsed in tied else tied[0]
+    return label, scores
+
+
+def reask_message(labels: Sequence[str]) -> Message:
+    return {"role": "user", "content": "Answer with exactly one of: " + ", ".join(labels) + "."}
+
+
+# --------------------------------------------------------------------------------------------------
+# Rate limiting
+
+
+class _TokenBucket:
+    """Thread-safe token bucket: ``rate`` units per second, bursts of at most ``capacity``.
+
+    A request larger than the capacity waits for a full bucket and then drives it negative (debt), so
+    the long-run rate stays right. The state lives on the annotator, so it also spans ``score_many``
+    calls; only short critical sections hold the lock (never across an ``await``).
+    """
+
+    def __init__(self, per_minute: float) -> None:
+        self.rate = per_minute / 60.0
+        # One second's worth (at least one unit): providers enforce per-minute limits over short
+        # windows, so a full minute's burst would be refused anyway.
+        self.capacity = max(1.0, self.rate)
+        self._level = self.capacity
+        self._updated = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _refill(self, now: float) -> None:
+        self._level = min(self.capacity, self._level + (now - self._updated) * self.rate)
+        self._updated = now
+
+    def try_take(self, cost: float) -> float:
+        """Take ``cost`` units and return 0, or return the seconds to wait before trying again."""
+        with self._lock:
+            self._refill(time.monotonic())
+            need = min(cost, self.capacity)
+            if self._level >= need:
+                self._level -= cost
+                return 0.0
+            return (need - self._level) / self.rate
+
+    def adjust(self, extra: float) -> None:
+        """Charge ``extra`` more units (negative: refund) once the real cost is known."""
+        with self._lock:
+            self._refill(time.monotonic())
+            self._level = min(self.capacity, self._level - extra)
+
+    async def acquire(self, cost: float) -> None:
+        while True:
+            wait = self.try_take(cost)
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
+
+@dataclass
+class _Endpoint:
+    """One server + key (persistent across runs). The key itself is never stored here."""
+
+    base_url: str
+    api_key_env: str
+    requests: _TokenBucket | None = None
+    tokens: _TokenBucket | None = None
+    cooldown_until: float = 0.0  # time.monotonic() before which no request is sent (after a 429)
+
+
+@dataclass
+class _RunEndpoint:
+    """Per-run state of an endpoint: its concurrency bound and the key read for this run."""
+
+    ep: _Endpoint
+    key: str | None
+    semaphore: asyncio.Semaphore
+    active: int = 0
+    sent: int = 0
+
+
+class _RetryableError(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Completion:
+    text: str
+    candidates: list[tuple[str, float]] | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _clean_url(url: str) -> str:
+    """``url`` without trailing slash and without any ``user:password@`` part."""
+    parts = urlsplit(url.strip())
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), parts.query, parts.fragment))
+
+
+def _parse_retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds asked for by ``retry-after-ms`` (OpenAI) or ``Retry-After`` (seconds or HTTP date)."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _server_message(response: httpx.Response) -> str:
+    """The error message a server put in its body (OpenAI ``{"error": {"message": ...}}`` and kin)."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = response.text.strip()
+        return text[:300] if text else "(empty body)"
+    if isinstance(body, dict):
+        err = body.get("error", body.get("detail", body.get("message")))
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        if err is not None:
+            return str(err)[:300]
+    return json.dumps(body)[:300]
+
+
+# --------------------------------------------------------------------------------------------------
+# The annotator
+
+
+class OpenAICompatAnnotator:
+    """Label prompts with a chat model behind an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Why constrained answers: FreeAL feeds the LLM's labels to a small model and to demonstration
+    selection, so every answer must be one of the task's labels or an explicit abstention, never
+    free text that a later step would have to guess at. Hence:
+
+    1. The model is asked greedily (``temperature=0``, a few ``max_tokens``) with ``logprobs`` and
+       ``top_logprobs=20``. When the server returns them, each label is scored by the best
+       log-probability among the first answer token's alternatives whose text (stripped,
+       case-insensitive) is a prefix of the label; labels absent from the list get
+       ``min(listed) - 5`` (:data:`FLOOR_MARGIN`). The label is the argmax, i.e. the model's
+       answer restricted to the label set (ties between labels sharing a first token are broken by
+       the text answer). These scores are comparable to the log-probabilities of the llama.cpp
+       backend and feed calibration.
+    2. Without logprobs (Ollama, ``use_logprobs=False``) or when no listed token starts a label,
+       ``scores`` is ``None`` and the label comes from a strict parse of the text answer
+       (:func:`parse_label`: the answer is a label, or starts with one).
+    3. If neither gives a label, the model is asked once more (its answer plus "Answer with exactly
+       one of: a, b, c."). If that fails too the answer is an abstention: ``label=None``.
+
+    Transport: several ``endpoints`` (server, key env var) can be used in parallel, each with its
+    own ``max_concurrency`` bound and ``requests_per_minute`` / ``tokens_per_minute`` token buckets
+    (tokens estimated as characters/4 until the server's ``usage`` gives the real ratio). Each
+    request goes to the least busy endpoint (round-robin among equals). 429, 5xx, timeouts,
+    connection errors and unparseable bodies are retried up to ``max_retries`` times with
+    exponential backoff and jitter from ``backoff_base`` seconds (capped at ``backoff_max``),
+    honouring ``Retry-After``; other 4xx raise :class:`FreeALError` with the status and the
+    server's message. API keys are read from the named environment variables at the start of each
+    ``score_many`` call and appear nowhere else (not in ``identity``, ``repr``, logs or errors).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        *,
+        endpoints: Sequence[Sequence[str]] | None = None,
+        max_concurrency: int = 8,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        max_retries: int = 5,
+        timeout: float = 60.0,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        temperature: float = 0.0,
+        max_tokens: int = 16,
+        use_logprobs: bool = True,
+        top_logprobs: int = 20,
+    ) -> None:
+        if not model or not isinstance(model, str):
+            raise FreeALError("OpenAI-compatible annotator: 'model' must be a non-empty model name.")
+        if endpoints is not None and base_url is not None:
+            raise FreeALError("OpenAI-compatible annotator: give either 'base_url' or 'endpoints', not both.")
+        if endpoints is not None:
+            pairs: list[tuple[str, str]] = []
+            for entry in endpoints:
+                if isinstance(entry, str) or len(entry) != 2:
+                    raise FreeALError(
+                        "OpenAI-compatible annotator: each endpoint must be a pair "
+                        f"(base_url, api_key_env), got {entry!r}."
+                    )
+                pairs.append((str(entry[0]), str(entry[1])))
+            if not pairs:
+                raise FreeALError("OpenAI-compatible annotator: 'endpoints' is empty.")
+        else:
+            url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+            pairs = [(url, api_key_env)]
+        for url, env in pairs:
+            if not urlsplit(url.strip()).scheme.startswith("http"):
+                raise FreeALError(
+                    f"OpenAI-compatible annotator: base URL {_clean_url(url)!r} is not http(s)."
+                )
+            if not env:
+                raise FreeALError(
+                    "OpenAI-compatible annotator: api_key_env must name an environment variable."
+                )
+        for name, value, low in (
+            ("max_concurrency", max_concurrency, 1),
+            ("max_tokens", max_tokens, 1),
+            ("top_logprobs", top_logprobs, 1),
+            ("max_retries", max_retries, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise FreeALError(
+                    f"OpenAI-compatible annotator: {name} must be an integer >= {low}, got {value!r}."
+                )
+        for name, value in (
+            ("requests_per_minute", requests_per_minute),
+            ("tokens_per_minute", tokens_per_minute),
+        ):
+            if value is not None and not value > 0:
+                raise FreeALError(f"OpenAI-compatible annotator: {name} must be positive, got {value!r}.")
+        if not timeout > 0 or backoff_base < 0 or backoff_max < 0:
+            raise FreeALError(
+                "OpenAI-compatible annotator: timeout must be positive and backoff non-negative."
+            )
+
+        self.model = model
+        self.max_concurrency = max_concurrency
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
+        self.max_retries = max_retries
+        self.timeout = float(timeout)
+        self.backoff_base = float(backoff_base)
+        self.backoff_max = float(backoff_max)
+        self.temperature = float(temperature)
+        self.max_tokens = max_tokens
+        self.use_logprobs = use_logprobs
+        self.top_logprobs = top_logprobs
+        self._endpoints = [
+            _Endpoint(
+                base_url=url.strip().rstrip("/"),
+                api_key_env=env,
+                requests=_TokenBucket(requests_per_minute) if requests_per_minute else None,
+                tokens=_TokenBucket(tokens_per_minute) if tokens_per_minute else None,
+            )
+            for url, env in pairs
+        ]
+        self._rr = 0  # round-robin cursor among equally busy endpoints
+        # Observed prompt characters and tokens, to turn characters into a token estimate.
+        self._stats_lock = threading.Lock()
+        self._chars_seen = 0
+        self._prompt_tokens_seen = 0
+
+        mode = (
+            f"logprobs{top_logprobs}-prefix+parse" if use_logprobs else "parse"
+        ) + f",t={self.temperature:g},max_tokens={max_tokens}"
+        urls = ",".join(sorted({_clean_url(ep.base_url) for ep in self._endpoints}))
+        self.identity = f"openai:{model}@{urls}:{mode}"
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [_clean_url(ep.base_url) for ep in self._endpoints]
+
+    def __repr__(self) -> str:
+        envs = ",".join(ep.api_key_env for ep in self._endpoints)
+        return (
+            f"OpenAICompatAnnotator(model={self.model!r}, base_urls={self.base_urls!r}, "
+            f"api_key_env={envs!r}, max_concurrency={self.max_concurrency}, use_logprobs={self.use_logprobs})"
+        )
+
+    # ---------------------------------------------------------------------------------------------
+    # Synchronous entry point
+
+    def score_many(
+        self, prompts: Sequence[list[Message]], labels: Sequence[str]
+    ) -> Iterator[tuple[int, LabelScores]]:
+        """Answer every prompt; yield ``(index, answer)`` as each completes, in completion order.
+
+        The requests run on an asyncio loop in a private thread; closing the iterator early (or an
+        error) cancels the outstanding requests and joins that thread before returning.
+        """
+        labels = [str(label) for label in labels]
+        if not labels:
+            raise FreeALError("OpenAI-compatible annotator: no labels to choose from.")
+        lowered = [label.lower() for label in labels]
+        if len(set(lowered)) != len(lowered) or any(not low.strip() for low in lowered):
+            raise FreeALError(
+                f"OpenAI-compatible annotator: labels must be non-empty and distinct ignoring case: {labels}."
+            )
+        prompts = [list(p) for p in prompts]
+        return self._stream(prompts, labels)
+
+    def _stream(self, prompts: list[list[Message]], labels: list[str]) -> Iterator[tuple[int, LabelScores]]:
+        if not prompts:
+            return
+        keys = {ep.api_key_env: (os.environ.get(ep.api_key_env) or None) for ep in self._endpoints}
+        out: queue.Queue[tuple[str, Any]] = queue.Queue()
+        run = _Run(self, prompts, labels, keys, out)
+        thread = threading.Thread(target=run.thread_main, name="freeal-openai-compat", daemon=True)
+        thread.start()
+        remaining = len(prompts)
+        try:
+            while remaining:
+                kind, payload = out.get()
+                if kind == "result":
+                    remaining -= 1
+                    yield payload
+                elif kind == "error":
+                    raise payload
+                else:  # "end" before every answer arrived: cannot happen unless cancelled
+                    raise FreeALError("OpenAI-compatible annotator: the request loop stopped early.")
+        finally:
+            run.cancel()
+            thread.join()
+
+    # ---------------------------------------------------------------------------------------------
+    # Helpers used by the run
+
+    def _estimate_tokens(self, messages: Sequence[Message]) -> float:
+        chars = sum(len(m.get("content") or "") for m in messages)
+        with self._stats_lock:
+            ratio = self._prompt_tokens_seen / self._chars_seen if self._chars_seen else 0.25
+        return chars * ratio + self.max_tokens
+
+    def _observe(self, messages: Sequence[Message], prompt_tokens: int) -> None:
+        if prompt_tokens <= 0:
+            return
+        chars = sum(len(m.get("content") or "") for m in messages)
+        with self._stats_lock:
+            self._chars_seen += chars
+            self._prompt_tokens_seen += prompt_tokens
+
+    def _backoff(self, attempt: int) -> float:
+        delay = min(self.backoff_max, self.backoff_base * (2.0**attempt))
+        return delay * (0.5 + 0.5 * random.random())
+
+    def _request_body(self, messages: Sequence[Message]) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": list(messages),
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "n": 1,
+            "stream": False,
+        }
+        if self.use_logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = self.top_logprobs
+        return body
+
+
+class _Run:
+    """One ``score_many`` call: an event loop in a worker thread, results pushed to ``out``."""
+
+    def __init__(
+        self,
+        owner: OpenAICompatAnnotator,
+        prompts: list[list[Message]],
+        labels: list[str],
+        keys: dict[str, str | None],
+        out: queue.Queue[tuple[str, Any]],
+    ) -> None:
+        self.owner = owner
+        self.prompts = prompts
+        self.labels = labels
+        self._keys = keys
+        self.out = out
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # thread side ------------------------------------------------------------------------------
+
+    def thread_main(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:
+            self.out.put(("error", exc))
+        finally:
+            self.out.put(("end", None))
+
+    def cancel(self) -> None:
+        """Called from the consumer thread: stop outstanding work (idempotent)."""
+        with self._lock:
+            self._cancelled = True
+            loop, task = self._loop, self._task
+            if loop is not None and task is not None and not task.done():
+                with contextlib.suppress(RuntimeError):  # loop already closed
+                    loop.call_soon_threadsafe(task.cancel)
+
+    # loop side --------------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        for key in self._keys.values():
+            if key:
+                text = text.replace(key, "***")
+        return text
+
+    async def _main(self) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+        owner = self.owner
+        self.endpoints = [
+            _RunEndpoint(
+                ep=ep, key=self._keys.get(ep.api_key_env), semaphore=asyncio.Semaphore(owner.max_concurrency)
+            )
+            for ep in owner._endpoints
+        ]
+        todo: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(len(self.prompts)):
+            todo.put_nowait(i)
+        n_workers = min(len(self.prompts), owner.max_concurrency * len(self.endpoints))
+        total = owner.max_concurrency * len(self.endpoints)
+        limits = httpx.Limits(max_connections=total, max_keepalive_connections=total)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(owner.timeout), limits=limits) as client:
+            self.client = client
+            workers = [asyncio.create_task(self._worker(todo)) for _ in range(n_workers)]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _worker(self, todo: asyncio.Queue[int]) -> None:
+        while True:
+            try:
+                index = todo.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            answer = await self._score_one(self.prompts[index])
+            self.out.put(("result", (index, answer)))
+
+    async def _score_one(self, messages: list[Message]) -> LabelScores:
+        usage = _Usage()
+        first = await self._complete(messages, usage)
+        label, scores = interpret(first.text, first.candidates, self.labels)
+        if label is None:
+            followup: list[Message] = [
+                *messages,
+                {"role": "assistant", "content": first.text},
+                reask_message(self.labels),
+            ]
+            second = await self._complete(followup, usage)
+            label, scores = interpret(second.text, second.candidates, self.labels)
+        return LabelScores(
+            label=label,
+            scores=scores if label is not None else None,
+            prompt_tokens=usage.prompt_tokens,
+            evaluated_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+
+    def _pick_endpoint(self) -> _RunEndpoint:
+        owner = self.owner
+        now = time.monotonic()
+        n = len(self.endpoints)
+        start = owner._rr % n
+        order = [self.endpoints[(start + k) % n] for k in range(n)]
+        best = min(order, key=lambda e: (max(0.0, e.ep.cooldown_until - now), e.active))
+        owner._rr = (self.endpoints.index(best) + 1) % n
+        return best
+
+    async def _complete(self, messages: list[Message], usage: _Usage) -> _Completion:
+        """One chat completion with retries; adds the server's token usage to ``usage``."""
+        owner = self.owner
+        body = owner._request_body(messages)
+        last_error = "no attempt made"
+        for attempt in range(owner.max_retries + 1):
+            endpoint = self._pick_endpoint()
+            endpoint.active += 1
+            error: _RetryableError | None = None
+            try:
+                completion = await self._attempt(endpoint, body, messages)
+            except _RetryableError as exc:
+                error = exc
+            finally:
+                endpoint.active -= 1
+            if error is None:
+                usage.prompt_tokens += completion.prompt_tokens
+                usage.completion_tokens += completion.completion_tokens
+                return completion
+            last_error = str(error)
+            if attempt == owner.max_retries:
+                break
+            delay = owner._backoff(attempt)
+            if error.retry_after is not None:
+                delay = max(delay, min(error.retry_after, 600.0))
+            log.warning(
+                "%s (attempt %d/%d); retrying in %.2fs", last_error, attempt + 1, owner.max_retries + 1, delay
+            )
+            await asyncio.sleep(delay)
+        raise FreeALError(
+            f"OpenAI-compatible server gave no usable answer after {owner.max_retries + 1} attempts: "
+            f"{last_error}"
+        )
+
+    async def _attempt(
+        self, endpoint: _RunEndpoint, body: dict[str, Any], messages: list[Message]
+    ) -> _Completion:
+        owner = self.owner
+        ep = endpoint.ep
+        url = ep.base_url + "/chat/completions"
+        shown = _clean_url(ep.base_url)
+        wait = ep.cooldown_until - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        async with endpoint.semaphore:
+            estimate = owner._estimate_tokens(messages)
+            if ep.requests is not None:
+                await ep.requests.acquire(1.0)
+            if ep.tokens is not None:
+                await ep.tokens.acquire(estimate)
+            headers = {"Content-Type": "application/json"}
+            if endpoint.key:
+                headers["Authorization"] = f"Bearer {endpoint.key}"
+            endpoint.sent += 1
+            try:
+                response = await self.client.post(url, json=body, headers=headers)
+            except httpx.TimeoutException as exc:
+                raise _RetryableError(f"{shown}: request timed out after {owner.timeout:g}s") from exc
+            except httpx.RequestError as exc:
+                raise _RetryableError(f"{shown}: connection failed ({type(exc).__name__})") from exc
+
+        status = response.status_code
+        if status == 429 or status >= 500:
+            retry_after = _parse_retry_after(response.headers)
+            if status == 429 and retry_after is not None:
+                ep.cooldown_until = max(ep.cooldown_until, time.monotonic() + min(retry_after, 600.0))
+            message = self._scrub(_server_message(response))
+            raise _RetryableError(f"{shown} answered HTTP {status}: {message}", retry_after)
+        if status >= 400:
+            message = self._scrub(_server_message(response))
+            hint = ""
+            if status in (401, 403) and not endpoint.key:
+                hint = f" (no API key: environment variable {ep.api_key_env} is not set)"
+            raise FreeALError(f"{shown} answered HTTP {status}: {message}{hint}")
+        try:
+            payload = response.json()
+            choice = payload["choices"][0]
+            content = choice["message"].get("content") or ""
+            if not isinstance(content, str):
+                raise TypeError("content is not a string")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise _RetryableError(f"{shown} answered HTTP {status} with an unparseable body") from exc
+
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        prompt_tokens = completion_tokens = 0
+        if isinstance(usage, dict):
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+        if ep.tokens is not None and (prompt_tokens or completion_tokens):
+            ep.tokens.adjust(prompt_tokens + completion_tokens - estimate)
+        owner._observe(messages, prompt_tokens)
+        candidates = first_token_candidates(choice) if owner.use_logprobs else None
+        return _Completion(content, candidates, prompt_tokens, completion_tokens)

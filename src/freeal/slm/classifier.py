@@ -1,0 +1,297 @@
+"""The small model (SLM): a sentence classifier that learns from noisy labels without believing them.
+
+Robust self-training, as in FreeAL: a few warm-up epochs of cross-entropy on every labeled item; then,
+each epoch, per-item losses on the un-augmented texts are split by a 2-component Gaussian mixture
+into clean (low loss) and noisy items. Clean items are trained with cross-entropy plus mixup on their
+hidden states; noisy items (and those the LLM abstained on) only through a consistency loss between a
+text and its augmented view, so their given labels are never fitted. The extra terms ramp up linearly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from freeal.config import SLMConfig
+from freeal.embed import Embedder, minilm_path, torch_device
+from freeal.errors import FreeALError
+from freeal.slm.augment import make_views
+from freeal.slm.noise import split_clean
+
+log = logging.getLogger(__name__)
+
+
+class _Net(nn.Module):
+    """Encoder (absent in ``head`` mode, where inputs are cached embeddings) + a small MLP head."""
+
+    def __init__(self, encoder: nn.Module | None, dim: int, n_classes: int, hidden: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(
+            nn.Dropout(0.1), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, n_classes)
+        )
+
+    def hidden_states(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        if self.encoder is None:
+            assert isinstance(batch, torch.Tensor)
+            return batch
+        assert isinstance(batch, dict)
+        out = self.encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
+        return (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden_states(batch))
+
+
+def _sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    p = p ** (1.0 / temperature)
+    return p / p.sum(dim=1, keepdim=True)
+
+
+def _symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL from each view's sharpened (detached) prediction to the other view's prediction, averaged."""
+    log_a, log_b = F.log_softmax(logits_a, 1), F.log_softmax(logits_b, 1)
+    target_a = _sharpen(log_a.exp().detach(), temperature)
+    target_b = _sharpen(log_b.exp().detach(), temperature)
+    return 0.5 * (
+        F.kl_div(log_b, target_a, reduction="batchmean") + F.kl_div(log_a, target_b, reduction="batchmean")
+    )
+
+
+class SLMClassifier:
+    """Sentence classifier trained robustly on noisy labels (scikit-learn style: ``fit``/``predict``).
+
+    After :meth:`fit`, for the training items: ``train_proba_`` (predicted probabilities),
+    ``train_loss_`` (cross-entropy against the given label; NaN where none), ``clean_prob_`` (the
+    GMM posterior of a clean label; 0 where none) and ``clean_mask_``.
+    """
+
+    def __init__(self, labels: Sequence[str], config: SLMConfig | None = None, **overrides: object) -> None:
+        if not labels:
+            raise FreeALError("the label set is empty")
+        self.labels = list(labels)
+        self.config = (config or SLMConfig()).model_copy(update=overrides)
+        self.device = torch_device(self.config.device)
+        self.backbone = self.config.backbone or minilm_path()
+        self.epoch_log: list[dict] = []
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _build(self) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        torch.manual_seed(self.config.seed)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.backbone)
+        encoder = AutoModel.from_pretrained(self.backbone)
+        dim = encoder.config.hidden_size
+        if self.config.mode == "head":
+            self._embedder = Embedder(self.backbone, device=self.device)
+            encoder = None
+        self.net = _Net(encoder, dim, len(self.labels), self.config.hidden).to(self.device)
+
+    def _inputs(self, texts: Sequence[str]) -> torch.Tensor | list[str]:
+        """Head mode: the embeddings, computed once; finetune mode: the texts, tokenized per batch."""
+        if self.config.mode == "head":
+            return torch.from_numpy(self._embedder.encode(texts)).to(self.device)
+        return list(texts)
+
+    def _batch(
+        self, source: torch.Tensor | list[str], idx: np.ndarray
+    ) -> dict[str, torch.Tensor] | torch.Tensor:
+        if isinstance(source, torch.Tensor):
+            return source[torch.as_tensor(idx, device=source.device)]
+        enc = self._tokenizer(
+            [source[i] for i in idx],
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_length,
+            return_tensors="pt",
+        )
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _logits(self, source: torch.Tensor | list[str], batch_size: int = 256) -> torch.Tensor:
+        self.net.eval()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(source), batch_size):
+                idx = np.arange(start, min(start + batch_size, len(source)))
+                out.append(self.net(self._batch(source, idx)).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.labels))
+
+    # -- training -------------------------------------------------------------------------------
+    def _targets(self, labels: Sequence[str | None]) -> np.ndarray:
+        index = {name: i for i, name in enumerate(self.labels)}
+        y = np.full(len(labels), -1, dtype=np.int64)
+        for row, label in enumerate(labels):
+            if label is None:
+                continue
+            if label not in index:
+                raise FreeALError(f"item {row}: label {label!r} is not in the label set {self.labels}")
+            y[row] = index[label]
+        if (y < 0).all():
+            raise FreeALError("no item has a label to learn from (all abstained)")
+        missing = [self.labels[c] for c in range(len(self.labels)) if not (y == c).any()]
+        if missing:
+            log.warning(
+                "no labeled item for %s: the SLM can predict it only through the consistency loss", missing
+            )
+        return y
+
+    def fit(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str | None],
+        views: Sequence[str] | None = None,
+        progress: bool = False,
+    ) -> SLMClassifier:
+        """Train on ``texts`` with noisy ``labels`` (None = abstained); ``views`` are augmented texts.
+
+        Without ``views``, a token-noise view (:func:`freeal.slm.augment.make_views`) is made per epoch
+        in ``finetune`` mode, once in ``head`` mode (embeddings are computed once).
+        """
+        if len(texts) != len(labels) or (views is not None and len(views) != len(texts)):
+            raise FreeALError("texts, labels and views must have the same length")
+        cfg = self.config
+        y = self._targets(labels)
+        self._build()
+        rng = np.random.default_rng(cfg.seed)
+        source = self._inputs(texts)
+        fixed_views = self._inputs(views if views is not None else make_views(list(texts), cfg.seed))
+        y_t = torch.as_tensor(y, device=self.device)
+        labeled = np.flatnonzero(y >= 0)
+        lr = cfg.lr or (1e-3 if cfg.mode == "head" else 3e-5)
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.01)
+        beta = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha)
+        clean = np.zeros(len(texts), dtype=bool)
+        clean[labeled] = True
+        self.epoch_log = []
+        for epoch in range(cfg.epochs):
+            robust_now = cfg.robust and epoch >= cfg.warmup_epochs
+            ramp = min(1.0, (epoch - cfg.warmup_epochs + 1) / cfg.rampup_epochs) if robust_now else 0.0
+            if robust_now:
+                losses = F.cross_entropy(self._logits(source)[labeled], y_t[labeled].cpu(), reduction="none")
+                mask, _ = split_clean(losses.numpy(), cfg.clean_threshold, cfg.seed)
+                clean[:] = False
+                clean[labeled[mask]] = True
+            view = fixed_views
+            if cfg.mode == "finetune" and views is None and epoch > 0:
+                view = make_views(list(texts), cfg.seed + epoch)
+            used = np.arange(len(texts)) if robust_now else labeled
+            totals = self._train_epoch(used, source, view, y_t, clean, ramp, optimizer, beta, rng)
+            entry = {
+                "epoch": epoch + 1,
+                "clean_fraction": float(clean[labeled].mean()),
+                "ramp": ramp,
+                **totals,
+            }
+            self.epoch_log.append(entry)
+            if progress:
+                log.info("epoch %(epoch)d loss %(loss).4f clean %(clean_fraction).3f", entry)
+        self._finish(source, y)
+        return self
+
+    def _train_epoch(
+        self,
+        used: np.ndarray,
+        source: torch.Tensor | list[str],
+        view: torch.Tensor | list[str],
+        y_t: torch.Tensor,
+        clean: np.ndarray,
+        ramp: float,
+        optimizer: torch.optim.Optimizer,
+        beta: torch.distributions.Beta,
+        rng: np.random.Generator,
+    ) -> dict[str, float]:
+        cfg = self.config
+        self.net.train()
+        order = rng.permutation(used)
+        sums = {"loss": 0.0, "ce": 0.0, "mixup": 0.0, "consistency": 0.0}
+        steps = 0
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            c_idx, n_idx = idx[clean[idx]], idx[~clean[idx]]
+            loss = torch.zeros((), device=self.device)
+            if len(c_idx):
+                hidden = self.net.hidden_states(self._batch(source, c_idx))
+                target = y_t[torch.as_tensor(c_idx, device=self.device)]
+                ce = F.cross_entropy(self.net.head(hidden), target)
+                loss = loss + ce
+                sums["ce"] += float(ce)
+                if ramp > 0 and len(c_idx) > 1:
+                    lam = float(beta.sample())
+                    lam = max(lam, 1 - lam)
+                    perm = torch.randperm(len(c_idx), device=self.device)
+                    onehot = F.one_hot(target, len(self.labels)).float()
+                    mixed = self.net.head(lam * hidden + (1 - lam) * hidden[perm])
+                    mix_target = lam * onehot + (1 - lam) * onehot[perm]
+                    mix = -(mix_target * F.log_softmax(mixed, 1)).sum(1).mean()
+                    loss = loss + ramp * mix
+                    sums["mixup"] += float(mix)
+            if ramp > 0 and len(n_idx) and cfg.lambda_u > 0:
+                cons = _symmetric_kl(
+                    self.net(self._batch(source, n_idx)),
+                    self.net(self._batch(view, n_idx)),
+                    cfg.sharpen_temperature,
+                )
+                loss = loss + ramp * cfg.lambda_u * cons
+                sums["consistency"] += float(cons)
+            if loss.requires_grad:
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            sums["loss"] += float(loss)
+            steps += 1
+        return {k: v / max(steps, 1) for k, v in sums.items()}
+
+    def _finish(self, source: torch.Tensor | list[str], y: np.ndarray) -> None:
+        """Per-item predictions, losses and the final clean/noisy split on the training items."""
+        logits = self._logits(source)
+        self.train_proba_ = F.softmax(logits, 1).numpy()
+        labeled = np.flatnonzero(y >= 0)
+        self.train_loss_ = np.full(len(y), np.nan)
+        self.train_loss_[labeled] = F.cross_entropy(
+            logits[labeled], torch.as_tensor(y[labeled]), reduction="none"
+        ).numpy()
+        self.clean_prob_ = np.zeros(len(y))
+        mask, prob = split_clean(self.train_loss_[labeled], self.config.clean_threshold, self.config.seed)
+        self.clean_prob_[labeled] = prob
+        self.clean_mask_ = np.zeros(len(y), dtype=bool)
+        self.clean_mask_[labeled] = mask
+
+    # -- prediction and persistence -------------------------------------------------------------
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        if not hasattr(self, "net"):
+            raise FreeALError("the SLM is not trained: call fit() or load() first")
+        return F.softmax(self._logits(self._inputs(texts)), 1).numpy()
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return [self.labels[i] for i in self.predict_proba(texts).argmax(1)]
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"labels": self.labels, "config": self.config.model_dump(), "backbone": self.backbone}
+        tmp = folder / "model.pt.tmp"
+        torch.save(self.net.state_dict(), tmp)
+        tmp.replace(folder / "model.pt")
+        (folder / "slm.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "auto") -> SLMClassifier:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "slm.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FreeALError(f"{folder}: not a saved SLM ({exc})") from exc
+        config = SLMConfig(**{**meta["config"], "backbone": meta["backbone"], "device": device})
+        model = cls(meta["labels"], config)
+        model._build()
+        model.net.load_state_dict(torch.load(folder / "model.pt", map_location=model.device))
+        return model
