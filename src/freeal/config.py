@@ -76,6 +76,7 @@ class SLMConfig(BaseModel):
     max_length: int = Field(default=64, ge=8)
     hidden: int = Field(default=256, ge=1)
     clean_threshold: float = Field(default=0.7, gt=0, lt=1)
+    split_per_class: bool = True
     mixup_alpha: float = Field(default=4.0, gt=0)
     lambda_u: float = Field(default=1.0, ge=0)
     rampup_epochs: int = Field(default=3, ge=1)

@@ -70,8 +70,10 @@ class SLMClassifier:
     """Sentence classifier trained robustly on noisy labels (scikit-learn style: ``fit``/``predict``).
 
     After :meth:`fit`, for the training items: ``train_proba_`` (predicted probabilities),
-    ``train_loss_`` (cross-entropy against the given label; NaN where none), ``clean_prob_`` (the
-    GMM posterior of a clean label; 0 where none) and ``clean_mask_``.
+    ``train_loss_`` (cross-entropy against the given label after training; NaN where none),
+    ``mean_loss_`` (the same averaged over the epochs: a mislabeled item is fitted late, if at all,
+    so its mean stays high even once the network has memorized it), ``clean_prob_`` (the GMM
+    posterior of a clean label; 0 where none) and ``clean_mask_``.
     """
 
     def __init__(self, labels: Sequence[str], config: SLMConfig | None = None, **overrides: object) -> None:
@@ -89,7 +91,7 @@ class SLMClassifier:
 
         torch.manual_seed(self.config.seed)
         self._tokenizer = AutoTokenizer.from_pretrained(self.backbone)
-        encoder = AutoModel.from_pretrained(self.backbone)
+        encoder = AutoModel.from_pretrained(self.backbone).float()  # train in fp32 whatever the file holds
         dim = encoder.config.hidden_size
         if self.config.mode == "head":
             self._embedder = Embedder(self.backbone, device=self.device)
@@ -172,12 +174,16 @@ class SLMClassifier:
         clean = np.zeros(len(texts), dtype=bool)
         clean[labeled] = True
         self.epoch_log = []
+        history: list[np.ndarray] = []  # per-item losses after each epoch, for mean_loss_
         for epoch in range(cfg.epochs):
             robust_now = cfg.robust and epoch >= cfg.warmup_epochs
             ramp = min(1.0, (epoch - cfg.warmup_epochs + 1) / cfg.rampup_epochs) if robust_now else 0.0
+            if epoch > 0:
+                losses = self._item_losses(source, y, labeled)
+                history.append(losses)
             if robust_now:
-                losses = F.cross_entropy(self._logits(source)[labeled], y_t[labeled].cpu(), reduction="none")
-                mask, _ = split_clean(losses.numpy(), cfg.clean_threshold, cfg.seed)
+                groups = y[labeled] if cfg.split_per_class else None
+                mask, _ = split_clean(losses, cfg.clean_threshold, cfg.seed, groups)
                 clean[:] = False
                 clean[labeled[mask]] = True
             view = fixed_views
@@ -194,8 +200,15 @@ class SLMClassifier:
             self.epoch_log.append(entry)
             if progress:
                 log.info("epoch %(epoch)d loss %(loss).4f clean %(clean_fraction).3f", entry)
-        self._finish(source, y)
+        self._finish(source, y, history)
         return self
+
+    def _item_losses(
+        self, source: torch.Tensor | list[str], y: np.ndarray, labeled: np.ndarray
+    ) -> np.ndarray:
+        """Cross-entropy of each labeled item against its given label, on the un-augmented input."""
+        logits = self._logits(source)[labeled]
+        return F.cross_entropy(logits, torch.as_tensor(y[labeled]), reduction="none").numpy()
 
     def _train_epoch(
         self,
@@ -223,7 +236,7 @@ class SLMClassifier:
                 target = y_t[torch.as_tensor(c_idx, device=self.device)]
                 ce = F.cross_entropy(self.net.head(hidden), target)
                 loss = loss + ce
-                sums["ce"] += float(ce)
+                sums["ce"] += ce.item()
                 if ramp > 0 and len(c_idx) > 1:
                     lam = float(beta.sample())
                     lam = max(lam, 1 - lam)
@@ -233,7 +246,7 @@ class SLMClassifier:
                     mix_target = lam * onehot + (1 - lam) * onehot[perm]
                     mix = -(mix_target * F.log_softmax(mixed, 1)).sum(1).mean()
                     loss = loss + ramp * mix
-                    sums["mixup"] += float(mix)
+                    sums["mixup"] += mix.item()
             if ramp > 0 and len(n_idx) and cfg.lambda_u > 0:
                 cons = _symmetric_kl(
                     self.net(self._batch(source, n_idx)),
@@ -241,26 +254,30 @@ class SLMClassifier:
                     cfg.sharpen_temperature,
                 )
                 loss = loss + ramp * cfg.lambda_u * cons
-                sums["consistency"] += float(cons)
+                sums["consistency"] += cons.item()
             if loss.requires_grad:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            sums["loss"] += float(loss)
+            sums["loss"] += loss.item()
             steps += 1
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
-    def _finish(self, source: torch.Tensor | list[str], y: np.ndarray) -> None:
+    def _finish(self, source: torch.Tensor | list[str], y: np.ndarray, history: list[np.ndarray]) -> None:
         """Per-item predictions, losses and the final clean/noisy split on the training items."""
         logits = self._logits(source)
         self.train_proba_ = F.softmax(logits, 1).numpy()
         labeled = np.flatnonzero(y >= 0)
+        final = F.cross_entropy(logits[labeled], torch.as_tensor(y[labeled]), reduction="none").numpy()
         self.train_loss_ = np.full(len(y), np.nan)
-        self.train_loss_[labeled] = F.cross_entropy(
-            logits[labeled], torch.as_tensor(y[labeled]), reduction="none"
-        ).numpy()
+        self.train_loss_[labeled] = final
+        self.mean_loss_ = np.full(len(y), np.nan)
+        self.mean_loss_[labeled] = np.mean([*history, final], axis=0)
         self.clean_prob_ = np.zeros(len(y))
-        mask, prob = split_clean(self.train_loss_[labeled], self.config.clean_threshold, self.config.seed)
+        groups = y[labeled] if self.config.split_per_class else None
+        mask, prob = split_clean(
+            self.train_loss_[labeled], self.config.clean_threshold, self.config.seed, groups
+        )
         self.clean_prob_[labeled] = prob
         self.clean_mask_ = np.zeros(len(y), dtype=bool)
         self.clean_mask_[labeled] = mask

@@ -23,7 +23,21 @@ def clean_probability(losses: np.ndarray, seed: int = 0) -> np.ndarray:
     return gmm.predict_proba(scaled)[:, low]
 
 
-def split_clean(losses: np.ndarray, threshold: float = 0.7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(clean mask, clean probability) of items whose losses are given."""
-    prob = clean_probability(losses, seed)
+def split_clean(
+    losses: np.ndarray, threshold: float = 0.7, seed: int = 0, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(clean mask, clean probability) of items whose losses are given.
+
+    With ``groups`` (the given label of each item) the mixture is fitted within each group: a model
+    that leans towards one class gives that class's items smaller losses, and one mixture over all
+    items would then call most of the other classes noisy and starve them of training signal.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if groups is None:
+        prob = clean_probability(losses, seed)
+    else:
+        prob = np.ones_like(losses)
+        for group in np.unique(groups):
+            members = groups == group
+            prob[members] = clean_probability(losses[members], seed)
     return prob > threshold, prob
