@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -138,3 +139,120 @@ def main() -> None:
     except FreeALError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise SystemExit(2) from None
+
+
+@app.command()
+def train(
+    task: Annotated[Path, typer.Option(help="Task file (JSON/YAML) or a data folder holding task.json.")],
+    data: Annotated[Path, typer.Option(help="Texts with noisy labels (e.g. the output of `annotate`).")],
+    out: Annotated[Path, typer.Option(help="Folder for the model, predictions and feedback.")],
+    text_col: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    id_col: Annotated[str | None, typer.Option(help="Column holding item ids.")] = "id",
+    label_col: Annotated[str, typer.Option(help="Column of noisy labels (null = abstained).")] = "label",
+    views_col: Annotated[
+        str | None, typer.Option(help="Column of augmented texts (e.g. back-translations).")
+    ] = None,
+    gold_col: Annotated[str | None, typer.Option(help="Column of gold labels, only to evaluate.")] = None,
+    test: Annotated[
+        Path | None, typer.Option(help="Held-out texts with gold labels (inductive accuracy).")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="head (frozen encoder) or finetune (whole encoder).")] = "head",
+    robust: Annotated[
+        bool, typer.Option("--robust/--plain", help="Robust self-training or plain CE.")
+    ] = True,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    backbone: Annotated[str | None, typer.Option(help="Encoder folder (default: shipped MiniLM).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    clean_fraction: Annotated[float, typer.Option(help="Per-class share of items for the clean set.")] = 0.2,
+    pool_size: Annotated[int, typer.Option(help="Demonstration pool size (balanced over classes).")] = 100,
+    k: Annotated[int, typer.Option(help="Nearest demonstrations listed per noisy item.")] = 10,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the SLM robustly on noisy labels; write predictions, the clean split and demonstrations."""
+    from freeal.config import SLMConfig
+    from freeal.data import read_items, write_jsonl_atomic
+    from freeal.demos import feedback, nearest_demonstrations
+    from freeal.embed import Embedder
+    from freeal.metrics import classification_report
+    from freeal.slm.classifier import SLMClassifier
+    from freeal.tasks import load_task
+
+    cfg = validate(
+        SLMConfig,
+        {
+            "mode": mode,
+            "robust": robust,
+            "epochs": epochs,
+            "backbone": backbone,
+            "device": device,
+            "seed": seed,
+        },
+        "options",
+    )
+    the_task = load_task(task)
+    keep = tuple(c for c in (views_col, gold_col) if c)
+    items = read_items(data, text_col=text_col, id_col=id_col, label_col=label_col, keep=keep, task=the_task)
+    if items.gold is None:
+        raise FreeALError(f"{items.source}: no column {label_col!r} of labels to learn from")
+    noisy = items.gold  # the labels to learn from; gold for evaluation, if any, is gold_col
+    views = items.extra.get(views_col) if views_col else None
+
+    def show(entry: dict) -> None:
+        console.print(
+            f"epoch {entry['epoch']}/{cfg.epochs}: loss {entry['loss']:.4f}, "
+            f"clean {entry['clean_fraction']:.3f}, {entry['seconds']:.1f} s"
+        )
+
+    slm = SLMClassifier(the_task.label_names, cfg).fit(items.texts, noisy, views=views, on_epoch=show)
+    slm.save(out / "model")
+    predicted = [the_task.label_names[i] for i in slm.train_proba_.argmax(1)]
+    embedder = Embedder(device=device)
+    vectors = embedder.encode(items.texts)
+    fb = feedback(
+        noisy, predicted, slm.mean_loss_, vectors, fraction=clean_fraction, pool_size=pool_size, seed=seed
+    )
+    pool = fb.pool_indices
+    nearest = nearest_demonstrations(vectors, vectors[pool], [d.label for d in fb.pool], k=k)
+    in_clean = np.zeros(len(items), dtype=bool)
+    in_clean[fb.clean] = True
+    rows = [
+        {
+            "id": items.ids[i],
+            "text": items.texts[i],
+            "given": noisy[i],
+            "predicted": predicted[i],
+            "probs": dict(zip(the_task.label_names, slm.train_proba_[i].tolist(), strict=True)),
+            "clean": bool(slm.clean_mask_[i]),
+            "clean_prob": float(slm.clean_prob_[i]),
+            "in_clean_set": bool(in_clean[i]),
+            "demonstrations": [items.ids[pool[j]] for j in nearest[i]] if not slm.clean_mask_[i] else [],
+        }
+        for i in range(len(items))
+    ]
+    write_jsonl_atomic(out / "predictions.jsonl", rows)
+    write_jsonl_atomic(
+        out / "demonstrations.jsonl",
+        [{"id": items.ids[d.index], "text": items.texts[d.index], **d.to_json()} for d in fb.pool],
+    )
+    metrics: dict = {
+        "epochs": slm.epoch_log,
+        "clean_share": float(slm.clean_mask_.mean()),
+        "clean_set": len(fb.clean),
+        "pool": len(fb.pool),
+    }
+    if gold_col:
+        gold = items.extra[gold_col]
+        metrics["transductive"] = classification_report(gold, predicted, the_task.label_names)
+        print_metrics(metrics["transductive"], "SLM on the training texts")
+        metrics["clean_set_precision"] = float(np.mean([noisy[i] == gold[i] for i in fb.clean]))
+        console.print(f"clean set: {len(fb.clean)} items, {metrics['clean_set_precision']:.4f} right")
+    if test is not None:
+        held_out = read_items(test, task=the_task)
+        if held_out.gold is None:
+            raise FreeALError(f"{held_out.source}: the test set needs gold labels")
+        metrics["inductive"] = classification_report(
+            held_out.gold, slm.predict(held_out.texts), the_task.label_names
+        )
+        print_metrics(metrics["inductive"], "SLM on the test set")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    console.print(f"wrote {out}: model/, predictions.jsonl, demonstrations.jsonl, metrics.json")

@@ -107,3 +107,31 @@ def nearest_demonstrations(
             picked = list(ranked[:k])
         out.append(sorted(picked, key=lambda i: row[i]))
     return out
+
+
+@dataclass
+class Feedback:
+    """What the SLM hands back to the LLM: the clean set and the demonstration pool drawn from it."""
+
+    clean: np.ndarray
+    pool: list[Demonstration]
+
+    @property
+    def pool_indices(self) -> np.ndarray:
+        return np.asarray([d.index for d in self.pool], dtype=np.int64)
+
+
+def feedback(
+    given: Sequence[str | None],
+    predicted: Sequence[str],
+    losses: np.ndarray,
+    embeddings: np.ndarray,
+    *,
+    fraction: float = 0.2,
+    pool_size: int = 100,
+    seed: int = 0,
+) -> Feedback:
+    """The clean set (:func:`select_clean`) and its k-medoids pool (:func:`medoid_pool`)."""
+    clean = select_clean(given, predicted, losses, fraction)
+    labels = [g if g is not None else "" for g in given]
+    return Feedback(clean, medoid_pool(embeddings, labels, clean, losses, pool_size, seed))

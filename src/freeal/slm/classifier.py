@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -151,12 +152,13 @@ class SLMClassifier:
         texts: Sequence[str],
         labels: Sequence[str | None],
         views: Sequence[str] | None = None,
-        progress: bool = False,
+        on_epoch: Callable[[dict], None] | None = None,
     ) -> SLMClassifier:
         """Train on ``texts`` with noisy ``labels`` (None = abstained); ``views`` are augmented texts.
 
         Without ``views``, a token-noise view (:func:`freeal.slm.augment.make_views`) is made per epoch
-        in ``finetune`` mode, once in ``head`` mode (embeddings are computed once).
+        in ``finetune`` mode, once in ``head`` mode (embeddings are computed once). ``on_epoch`` gets
+        each epoch's entry of ``epoch_log`` (losses, clean fraction, seconds) as it ends.
         """
         if len(texts) != len(labels) or (views is not None and len(views) != len(texts)):
             raise FreeALError("texts, labels and views must have the same length")
@@ -190,16 +192,18 @@ class SLMClassifier:
             if cfg.mode == "finetune" and views is None and epoch > 0:
                 view = make_views(list(texts), cfg.seed + epoch)
             used = np.arange(len(texts)) if robust_now else labeled
+            start = time.perf_counter()
             totals = self._train_epoch(used, source, view, y_t, clean, ramp, optimizer, beta, rng)
             entry = {
                 "epoch": epoch + 1,
                 "clean_fraction": float(clean[labeled].mean()),
                 "ramp": ramp,
                 **totals,
+                "seconds": time.perf_counter() - start,
             }
             self.epoch_log.append(entry)
-            if progress:
-                log.info("epoch %(epoch)d loss %(loss).4f clean %(clean_fraction).3f", entry)
+            if on_epoch is not None:
+                on_epoch(entry)
         self._finish(source, y, history)
         return self
 

@@ -1,0 +1,146 @@
+"""The command line: annotate (with resume after a kill), train, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from freeal.cli import app
+from freeal.data import read_items, read_jsonl, write_jsonl_atomic
+
+FREEAL = [sys.executable, "-m", "freeal"]
+
+
+def cached_answers(path: Path) -> int:
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(path) as db:
+            return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    except sqlite3.OperationalError:  # table not created yet
+        return 0
+
+
+def test_killed_annotate_resumes_without_repeating_llm_calls(data_dir, tmp_path):
+    n = 60
+    cache, out = tmp_path / "cache.sqlite", tmp_path / "labels.jsonl"
+    args = [
+        *FREEAL,
+        "annotate",
+        "--task",
+        str(data_dir / "sst2"),
+        "--data",
+        str(data_dir / "sst2" / "test.jsonl"),
+        "--limit",
+        str(n),
+        "--model",
+        "smollm2-135m",
+        "--no-calibrate",
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while cached_answers(cache) < 15 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = cached_answers(cache)
+    assert 15 <= done < n, "the run should have been killed midway"
+    assert not out.exists()
+
+    subprocess.run(args, check=True, capture_output=True)
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    unique = len(set(read_items(data_dir / "sst2" / "test.jsonl", limit=n, seed=0).texts))
+    assert summary["llm"]["calls"] == unique - done
+    assert summary["llm"]["cache_hits"] == n - summary["llm"]["calls"]
+    rows = read_jsonl(out)
+    assert len(rows) == n and {r["label"] for r in rows} <= {"negative", "positive"}
+
+    subprocess.run(args, check=True, capture_output=True)  # a third run pays nothing
+    assert json.loads(Path(f"{out}.summary.json").read_text())["llm"]["calls"] == 0
+
+
+def test_bad_input_is_one_clear_line(data_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"sentence": "no text key"}\n')
+    result = subprocess.run(
+        [
+            *FREEAL,
+            "annotate",
+            "--task",
+            str(data_dir / "sst2"),
+            "--data",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "row 2" in result.stderr and "text" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_writes_predictions_clean_split_and_demonstrations(data_dir, tmp_path):
+    items = read_items(data_dir / "sst2" / "train.jsonl", limit=300, seed=9)
+    rng = np.random.default_rng(9)
+    flip = rng.random(len(items)) < 0.2
+    rows = [
+        {
+            "id": f"s{i}",
+            "text": t,
+            "label": ("positive" if g == "negative" else "negative") if f else g,
+            "gold": g,
+        }
+        for i, (t, g, f) in enumerate(zip(items.texts, items.gold, flip, strict=True))
+    ]
+    write_jsonl_atomic(tmp_path / "noisy.jsonl", rows)
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--task",
+            str(data_dir / "sst2"),
+            "--data",
+            str(tmp_path / "noisy.jsonl"),
+            "--out",
+            str(tmp_path / "slm"),
+            "--gold-col",
+            "gold",
+            "--epochs",
+            "6",
+            "--device",
+            "cpu",
+            "--pool-size",
+            "10",
+            "--k",
+            "4",
+            "--test",
+            str(data_dir / "sst2" / "dev.jsonl"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    predictions = read_jsonl(tmp_path / "slm" / "predictions.jsonl")
+    demos = read_jsonl(tmp_path / "slm" / "demonstrations.jsonl")
+    metrics = json.loads((tmp_path / "slm" / "metrics.json").read_text())
+    assert len(predictions) == 300 and len(demos) == 10
+    assert {d["label"] for d in demos} == {"negative", "positive"}
+    noisy_rows = [p for p in predictions if not p["clean"]]
+    assert noisy_rows and all(len(p["demonstrations"]) == 4 for p in noisy_rows)
+    assert metrics["inductive"]["accuracy"] > 0.6
+    assert metrics["clean_set_precision"] > 0.8  # the noisy input is 80% right
+    assert (tmp_path / "slm" / "model" / "model.pt").is_file()

@@ -1,0 +1,93 @@
+"""The SLM on small real slices (all-MiniLM-L6-v2 shipped offline)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from freeal.config import SLMConfig
+from freeal.data import read_items
+from freeal.demos import select_clean
+from freeal.errors import FreeALError
+from freeal.slm.classifier import SLMClassifier
+from freeal.tasks import load_task
+
+
+@pytest.fixture(scope="module")
+def sst2_slice(data_dir):
+    task = load_task(data_dir / "sst2")
+    items = read_items(data_dir / "sst2" / "train.jsonl", task=task, limit=800, seed=5)
+    rng = np.random.default_rng(5)
+    flip = rng.random(len(items)) < 0.3
+    noisy = [
+        ("positive" if g == "negative" else "negative") if f else g
+        for f, g in zip(flip, items.gold, strict=True)
+    ]
+    return task, items, noisy
+
+
+@pytest.fixture(scope="module")
+def trained(sst2_slice):
+    task, items, noisy = sst2_slice
+    cfg = SLMConfig(mode="head", epochs=12, warmup_epochs=3, device="cpu")
+    return SLMClassifier(task.label_names, cfg).fit(items.texts, noisy)
+
+
+def test_gmm_split_separates_injected_noise(sst2_slice, trained):
+    _, items, noisy = sst2_slice
+    right = np.array([n == g for n, g in zip(noisy, items.gold, strict=True)])
+    assert right.mean() == pytest.approx(0.7, abs=0.05)
+    clean = trained.clean_mask_
+    assert 0.3 < clean.mean() < 0.95
+    assert right[clean].mean() > right.mean() + 0.1
+    assert right[~clean].mean() < right.mean()
+    predicted = [trained.labels[i] for i in trained.train_proba_.argmax(1)]
+    chosen = select_clean(noisy, predicted, trained.mean_loss_, 0.2)
+    assert right[chosen].mean() > 0.9
+
+
+def test_predictions_are_distributions_and_survive_save_load(sst2_slice, trained, tmp_path):
+    _, items, _ = sst2_slice
+    texts = items.texts[:20]
+    proba = trained.predict_proba(texts)
+    assert proba.shape == (20, 2)
+    assert np.allclose(proba.sum(1), 1)
+    trained.save(tmp_path / "slm")
+    loaded = SLMClassifier.load(tmp_path / "slm", device="cpu")
+    assert np.allclose(loaded.predict_proba(texts), proba, atol=1e-5)
+    assert loaded.predict(texts) == trained.predict(texts)
+
+
+def test_bad_labels_are_clear_errors():
+    slm = SLMClassifier(["a", "b"], SLMConfig(device="cpu"))
+    with pytest.raises(FreeALError, match=r"item 1: label 'c' is not in the label set"):
+        slm.fit(["x", "y"], ["a", "c"])
+    with pytest.raises(FreeALError, match="all abstained"):
+        slm.fit(["x", "y"], [None, None])
+    with pytest.raises(FreeALError, match="same length"):
+        slm.fit(["x", "y"], ["a"])
+    with pytest.raises(FreeALError, match="not trained"):
+        slm.predict(["x"])
+    with pytest.raises(FreeALError, match="label set is empty"):
+        SLMClassifier([])
+
+
+def test_a_class_without_items_still_trains(sst2_slice, caplog):
+    """Documented fallback: a label no item carries can only be learned through consistency; the
+    model still trains and predicts over the whole label set."""
+    task, items, _ = sst2_slice
+    labels = [*task.label_names, "neutral"]
+    slm = SLMClassifier(labels, SLMConfig(mode="head", epochs=3, warmup_epochs=1, device="cpu"))
+    slm.fit(items.texts[:200], items.gold[:200])
+    assert "no labeled item for ['neutral']" in caplog.text
+    assert slm.predict_proba(items.texts[:5]).shape == (5, 3)
+
+
+def test_finetune_mode_trains_the_encoder(sst2_slice):
+    task, items, _ = sst2_slice
+    cfg = SLMConfig(mode="finetune", epochs=2, warmup_epochs=1, rampup_epochs=1, device="cpu", max_length=32)
+    slm = SLMClassifier(task.label_names, cfg)
+    slm.fit(items.texts[:96], items.gold[:96])
+    assert slm.net.encoder is not None
+    assert len(slm.epoch_log) == 2 and slm.epoch_log[1]["ramp"] == 1.0
+    assert slm.predict_proba(items.texts[:4]).shape == (4, 2)
