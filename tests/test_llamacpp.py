@@ -7,6 +7,7 @@ import pytest
 
 from freeal.annotate import annotate
 from freeal.data import read_items
+from freeal.errors import FreeALError
 from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.llm.llamacpp import LlamaCppAnnotator
 from freeal.llm.prompts import classification_prompt
@@ -69,7 +70,6 @@ def load_task_like_sst2() -> Task:
 
 
 def test_prompt_longer_than_context_is_a_clear_error(tmp_path):
-    from freeal.errors import FreeALError
     from freeal.llm.models import resolve_model
 
     path, name = resolve_model("smollm2-135m")
@@ -92,3 +92,14 @@ def test_qwen_05b_labels_a_real_slice_well_above_chance(data_dir, tmp_path):
     report = classification_report(items.gold, frame["label"].tolist(), task.label_names)
     assert report["accuracy"] >= 0.7  # chance is 0.5; measured 0.825 on 200 items
     assert annotator.ledger.calls == 80
+
+
+def test_label_texts_from_a_plain_list(tmp_path):
+    from freeal import LLMConfig, label_texts
+
+    cfg = LLMConfig(model="smollm2-135m", n_ctx=1024, cache_path=tmp_path / "c.sqlite")
+    frame = label_texts(load_task_like_sst2(), ["Loved it.", "Hated it."], cfg, progress=False)
+    assert frame["id"].tolist() == ["0", "1"]
+    assert set(frame["label"]) <= {"negative", "positive"}
+    with pytest.raises(FreeALError, match="text is empty"):
+        label_texts(load_task_like_sst2(), ["ok", "  "], cfg, progress=False)

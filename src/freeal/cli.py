@@ -23,6 +23,10 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+TaskOption = Annotated[Path, typer.Option(help="Task file (JSON/YAML) or a data folder holding task.json.")]
+TextColumnOption = Annotated[str, typer.Option(help="Column holding the text.")]
+
+
 @app.callback()
 def _commands() -> None:
     """Label a text data set with no human in the loop (FreeAL)."""
@@ -46,10 +50,10 @@ def print_metrics(report: dict, title: str) -> None:
 
 @app.command()
 def annotate(
-    task: Annotated[Path, typer.Option(help="Task file (JSON/YAML) or a data folder holding task.json.")],
+    task: TaskOption,
     data: Annotated[Path, typer.Option(help="Texts to label: .jsonl, .json, .csv or .tsv.")],
     out: Annotated[Path, typer.Option(help="Where to write the labels (JSONL).")],
-    text_col: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    text_col: TextColumnOption = "text",
     id_col: Annotated[
         str | None, typer.Option(help="Column holding item ids (default: row numbers).")
     ] = None,
@@ -64,11 +68,8 @@ def annotate(
     ),
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL.")] = None,
     calibrate: Annotated[
-        bool | None,
-        typer.Option(
-            "--calibrate/--no-calibrate", help="Contextual calibration (default: measured per model)."
-        ),
-    ] = None,
+        str, typer.Option(help="Contextual calibration: auto (chosen without gold labels), on or off.")
+    ] = "auto",
     threads: Annotated[int | None, typer.Option(help="llama.cpp threads (default: usable cores).")] = None,
     cache: Annotated[Path | None, typer.Option(help="SQLite cache of LLM answers.")] = None,
     limit: Annotated[int | None, typer.Option(help="Label a fixed random slice of this many items.")] = None,
@@ -79,7 +80,6 @@ def annotate(
     from freeal.annotate import annotate as run_annotate
     from freeal.data import read_items, write_jsonl_atomic
     from freeal.llm import make_annotator
-    from freeal.llm.models import MODELS
     from freeal.metrics import classification_report
     from freeal.tasks import load_task
 
@@ -99,12 +99,10 @@ def annotate(
     items = read_items(
         data, text_col=text_col, id_col=id_col, label_col=label_col, task=the_task, limit=limit, seed=seed
     )
-    if cfg.calibrate is None:
-        cfg.calibrate = MODELS[cfg.model].calibrate if cfg.model in MODELS else False
     annotator = make_annotator(cfg)
     console.print(
         f"labeling {len(items)} texts from {items.source} with {annotator.identity}"
-        f" (calibration {'on' if cfg.calibrate else 'off'})"
+        f" (calibration {cfg.calibrate})"
     )
     start = time.perf_counter()
     frame = run_annotate(the_task, items, annotator, calibrate=cfg.calibrate, progress=not quiet)
@@ -115,6 +113,7 @@ def annotate(
         "items": len(items),
         "model": annotator.identity,
         "calibrate": cfg.calibrate,
+        "calibrated": frame.attrs["calibrated"],
         "seconds": elapsed,
         "seconds_per_item": elapsed / max(len(items), 1),
         "llm": ledger.to_json(),
@@ -125,6 +124,10 @@ def annotate(
         f"{ledger.prompt_tokens} prompt tokens ({ledger.evaluated_tokens} evaluated), "
         f"{ledger.abstained} abstained"
     )
+    counts = frame["label"].fillna("<abstain>").value_counts()
+    summary["predicted_distribution"] = {str(k): int(v) for k, v in counts.items()}
+    console.print(f"calibration applied: {'yes' if frame.attrs['calibrated'] else 'no'}")
+    console.print("predicted labels: " + ", ".join(f"{k} {v / len(items):.1%}" for k, v in counts.items()))
     if items.gold is not None:
         summary["metrics"] = classification_report(items.gold, frame["label"].tolist(), the_task.label_names)
         if summary["metrics"]["n"]:
@@ -132,21 +135,12 @@ def annotate(
     Path(f"{out}.summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def main() -> None:
-    """Entry point: one line for a user error instead of a traceback."""
-    try:
-        app()
-    except FreeALError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise SystemExit(2) from None
-
-
 @app.command()
 def train(
-    task: Annotated[Path, typer.Option(help="Task file (JSON/YAML) or a data folder holding task.json.")],
+    task: TaskOption,
     data: Annotated[Path, typer.Option(help="Texts with noisy labels (e.g. the output of `annotate`).")],
     out: Annotated[Path, typer.Option(help="Folder for the model, predictions and feedback.")],
-    text_col: Annotated[str, typer.Option(help="Column holding the text.")] = "text",
+    text_col: TextColumnOption = "text",
     id_col: Annotated[str | None, typer.Option(help="Column holding item ids.")] = "id",
     label_col: Annotated[str, typer.Option(help="Column of noisy labels (null = abstained).")] = "label",
     views_col: Annotated[
@@ -256,3 +250,12 @@ def train(
         print_metrics(metrics["inductive"], "SLM on the test set")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     console.print(f"wrote {out}: model/, predictions.jsonl, demonstrations.jsonl, metrics.json")
+
+
+def main() -> None:
+    """Entry point: one line for a user error instead of a traceback."""
+    try:
+        app()
+    except FreeALError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise SystemExit(2) from None

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from freeal.errors import FreeALError
 
+Calibration = Literal["auto", "on", "off"]
+
 
 def cache_root() -> Path:
     """Where assembled models and cached LLM answers live: ``$FREEAL_CACHE_DIR`` or ``~/.cache/freeal``."""
@@ -23,15 +25,15 @@ def cache_root() -> Path:
 class LLMConfig(BaseModel):
     """Which annotator to use and how to run it.
 
-    ``calibrate``: contextual calibration on (True), off (False), or the measured default of the
-    embedded model (None; off for other models).
+    ``calibrate``: contextual calibration ``on``, ``off``, or ``auto`` (decided per data set without
+    gold labels: see :func:`freeal.annotate.choose_calibration`).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["llamacpp", "openai"] = "llamacpp"
     model: str = "qwen2.5-coder-1.5b"
-    calibrate: bool | None = None
+    calibrate: Calibration = "auto"
     # llama.cpp
     n_threads: int | None = Field(default=None, ge=1)
     n_ctx: int = Field(default=4096, ge=256)

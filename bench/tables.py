@@ -1,0 +1,79 @@
+"""Render the committed benchmark results (bench/results/*.json) as the markdown tables of BENCHMARKS.md.
+
+python bench/tables.py > /tmp/tables.md
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from freeal.annotate import label_entropy
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def zeroshot() -> None:
+    data = json.loads((RESULTS / "zeroshot.json").read_text())
+    print(f"Machine: {data['machine']}, threads {data['threads']}.\n")
+    print(
+        "| model | data | items | accuracy plain / calibrated | macro-F1 plain / calibrated "
+        "| `auto` picks (accuracy) | s per item | prompt tokens per item (evaluated) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in data["runs"]:
+        entropy = {
+            name: label_entropy(
+                [label for label, n in r[name]["predicted_distribution"].items() for _ in range(n)]
+            )
+            for name in ("plain", "calibrated")
+        }
+        auto = "calibrated" if entropy["calibrated"] > entropy["plain"] else "plain"
+        print(
+            f"| {r['model']} | {r['dataset']} | {r['items']} ({r['slice']}) "
+            f"| {r['plain']['accuracy']:.3f} / {r['calibrated']['accuracy']:.3f} "
+            f"| {r['plain']['macro_f1']:.3f} / {r['calibrated']['macro_f1']:.3f} "
+            f"| {auto} ({r[auto]['accuracy']:.3f}) "
+            f"| {r['seconds_per_item']:.3f} "
+            f"| {r['prompt_tokens_per_item']:.0f} ({r['evaluated_tokens_per_item']:.0f}) |"
+        )
+
+
+def slm(name: str) -> None:
+    data = json.loads((RESULTS / name).read_text())
+    print(
+        f"\n`{name}`: {data['dataset']}, {data['items']} items, labels: {data['labels']} "
+        f"({data['label_accuracy']:.4f} right where given, {data['abstained']} abstained); "
+        f"device {data['device']}; GMM split {data.get('split', 'global')}.\n"
+    )
+    print(
+        "| mode | trained on | views | epochs | transductive | inductive (test) "
+        "| GMM clean: share @ precision | clean set 20% / 25% / 30%: items @ precision (ranked by) "
+        "| s per epoch | peak memory MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in data["runs"]:
+        gmm = r.get("gmm_clean")
+        gmm_s = f"{gmm['share']:.3f} @ {gmm['precision']:.4f}" if gmm else "–"
+        fb = r.get("feedback_clean")
+        ranking = "mean loss" if "feedback_clean_final" in r else "final loss"
+        fb_s = (
+            " / ".join(f"{v['size']} @ {v['precision']:.4f}" for v in fb.values()) + f" ({ranking})"
+            if fb
+            else "–"
+        )
+        memory = r["peak_cuda_mb"] if r.get("peak_cuda_mb") else r["peak_rss_mb"]
+        trained_on = {"robust": "noisy, robust", "plain": "noisy, plain CE", "gold": "gold, plain CE"}[
+            r["variant"]
+        ]
+        print(
+            f"| {r['mode']} | {trained_on} | {r['views']} | {r['epochs']} "
+            f"| {r['transductive_accuracy']:.4f} | {r['inductive_accuracy']:.4f} | {gmm_s} | {fb_s} "
+            f"| {r['seconds_per_epoch']:.1f} | {memory:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    zeroshot()
+    for path in sorted(RESULTS.glob("slm_*.json")):
+        slm(path.name)
