@@ -42,9 +42,13 @@ def noisy_labels(
             "source": "gpt-3.5-turbo (FreeAL reference)",
             "views": items.extra["backtranslation"],
         }
-    if args.labels_file:
+    if args.labels_file:  # `freeal annotate` output on (a slice of) train.jsonl: ids are its row numbers
+        noisy: list[str | None] = [None] * len(gold)
         rows = read_jsonl(args.labels_file)
-        return [r["label"] for r in rows], {"source": str(args.labels_file), "views": None}
+        for row in rows:
+            noisy[int(row["id"])] = row["label"]
+        subset = sorted(int(row["id"]) for row in rows)
+        return noisy, {"source": f"freeal annotate: {args.labels_file.name}", "views": None, "subset": subset}
     rng = np.random.default_rng(args.seed)
     flip = rng.random(len(gold)) < args.noise
     noisy = [labels[int(rng.integers(len(labels)))] if f else g for f, g in zip(flip, gold, strict=True)]
@@ -65,8 +69,8 @@ def run(args: argparse.Namespace) -> dict:
     train = read_items(data / "train.jsonl", task=task)
     test = read_items(data / "test.jsonl", task=task)
     noisy, info = noisy_labels(args, data, train.gold, task.label_names)
-    subset = np.arange(len(train))
-    if args.limit:
+    subset = np.asarray(info.get("subset", range(len(train))))
+    if args.limit and "subset" not in info:
         subset = np.sort(np.random.default_rng(args.seed).choice(len(train), args.limit, replace=False))
     texts = [train.texts[i] for i in subset]
     gold = [train.gold[i] for i in subset]
@@ -98,6 +102,7 @@ def run(args: argparse.Namespace) -> dict:
                     seed=args.seed,
                     backbone=args.backbone,
                     split_per_class=not args.global_split,
+                    **dict(kv.split("=", 1) for kv in args.set),
                 )
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
@@ -107,6 +112,7 @@ def run(args: argparse.Namespace) -> dict:
                 predicted = [task.label_names[i] for i in slm.train_proba_.argmax(1)]
                 test_acc = accuracy(slm.predict(test.texts), test.gold)
                 entry = {
+                    "overrides": args.set,
                     "mode": mode,
                     "variant": variant,
                     "views": view_kind,
@@ -154,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dataset", default="mr")
     parser.add_argument("--data-root", type=Path, default=None)
-    parser.add_argument("--labels", choices=["gpt35", "synthetic"], default="gpt35")
+    parser.add_argument("--labels", choices=["gpt35", "synthetic", "file"], default="gpt35")
     parser.add_argument("--labels-file", type=Path, default=None)
     parser.add_argument("--noise", type=float, default=0.2)
     parser.add_argument("--modes", nargs="+", default=["head"])
@@ -164,6 +170,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--backbone", default=None, help="encoder folder (default: the shipped MiniLM)")
     parser.add_argument("--global-split", action="store_true", help="one GMM over all classes")
+    parser.add_argument("--set", nargs="*", default=[], help="SLMConfig overrides, e.g. lambda_u=0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

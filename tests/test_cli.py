@@ -123,7 +123,7 @@ def test_train_writes_predictions_clean_split_and_demonstrations(data_dir, tmp_p
             "--gold-col",
             "gold",
             "--epochs",
-            "6",
+            "20",
             "--device",
             "cpu",
             "--pool-size",

@@ -10,7 +10,7 @@ from freeal.data import read_items
 from freeal.errors import FreeALError
 from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.llm.llamacpp import LlamaCppAnnotator
-from freeal.llm.prompts import classification_prompt
+from freeal.llm.prompts import CONTENT_FREE_INPUTS, classification_prompt
 from freeal.metrics import classification_report
 from freeal.tasks import Task, load_task
 
@@ -91,7 +91,7 @@ def test_qwen_05b_labels_a_real_slice_well_above_chance(data_dir, tmp_path):
     frame = annotate(task, items, annotator, progress=False)
     report = classification_report(items.gold, frame["label"].tolist(), task.label_names)
     assert report["accuracy"] >= 0.7  # chance is 0.5; measured 0.825 on 200 items
-    assert annotator.ledger.calls == 80
+    assert annotator.ledger.calls == 80 + len(CONTENT_FREE_INPUTS)  # auto calibration scores 3 more
 
 
 def test_label_texts_from_a_plain_list(tmp_path):
@@ -101,5 +101,5 @@ def test_label_texts_from_a_plain_list(tmp_path):
     frame = label_texts(load_task_like_sst2(), ["Loved it.", "Hated it."], cfg, progress=False)
     assert frame["id"].tolist() == ["0", "1"]
     assert set(frame["label"]) <= {"negative", "positive"}
-    with pytest.raises(FreeALError, match="text is empty"):
+    with pytest.raises(FreeALError, match="row 2: text is only whitespace"):
         label_texts(load_task_like_sst2(), ["ok", "  "], cfg, progress=False)

@@ -78,7 +78,7 @@ def annotate(
 ) -> None:
     """Label every text zero-shot with the LLM; print accuracy when gold labels exist."""
     from freeal.annotate import annotate as run_annotate
-    from freeal.data import read_items, write_jsonl_atomic
+    from freeal.data import read_items, write_jsonl_atomic, write_text_atomic
     from freeal.llm import make_annotator
     from freeal.metrics import classification_report
     from freeal.tasks import load_task
@@ -132,7 +132,7 @@ def annotate(
         summary["metrics"] = classification_report(items.gold, frame["label"].tolist(), the_task.label_names)
         if summary["metrics"]["n"]:
             print_metrics(summary["metrics"], "against gold labels")
-    Path(f"{out}.summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(f"{out}.summary.json", json.dumps(summary, indent=2))
 
 
 @app.command()
@@ -164,7 +164,7 @@ def train(
 ) -> None:
     """Train the SLM robustly on noisy labels; write predictions, the clean split and demonstrations."""
     from freeal.config import SLMConfig
-    from freeal.data import read_items, write_jsonl_atomic
+    from freeal.data import read_items, write_jsonl_atomic, write_text_atomic
     from freeal.demos import feedback, nearest_demonstrations
     from freeal.embed import Embedder
     from freeal.metrics import classification_report
@@ -248,7 +248,7 @@ def train(
             held_out.gold, slm.predict(held_out.texts), the_task.label_names
         )
         print_metrics(metrics["inductive"], "SLM on the test set")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     console.print(f"wrote {out}: model/, predictions.jsonl, demonstrations.jsonl, metrics.json")
 
 

@@ -80,6 +80,7 @@ class SLMConfig(BaseModel):
     clean_threshold: float = Field(default=0.7, gt=0, lt=1)
     split_per_class: bool = True
     mixup_alpha: float = Field(default=4.0, gt=0)
+    mixup_weight: float = Field(default=1.0, ge=0)
     lambda_u: float = Field(default=1.0, ge=0)
     rampup_epochs: int = Field(default=3, ge=1)
     sharpen_temperature: float = Field(default=0.5, gt=0)

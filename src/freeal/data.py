@@ -35,7 +35,7 @@ from freeal.errors import FreeALError
 if TYPE_CHECKING:
     from freeal.tasks import Task
 
-__all__ = ["Items", "read_items", "read_jsonl", "write_jsonl_atomic"]
+__all__ = ["Items", "read_items", "read_jsonl", "write_jsonl_atomic", "write_text_atomic"]
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _SUFFIXES = (*_JSONL_SUFFIXES, ".json", ".csv", ".tsv")
@@ -140,20 +140,24 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
-    """Write ``rows`` as JSONL so that ``path`` holds either the old or the whole new content.
+    """Write ``rows`` as JSONL with :func:`write_text_atomic`; NumPy values become plain JSON."""
+    lines = (json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows)
+    return write_text_atomic(path, "".join(lines))
 
-    The rows go to a temporary file in the same folder, which then replaces ``path`` in one
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` so that ``path`` holds either the old or the whole new content.
+
+    The text goes to a temporary file in the same folder, which then replaces ``path`` in one
     ``os.replace``; a run killed halfway leaves no truncated result file behind to be mistaken for
-    a finished one. NumPy scalars and arrays are written as plain numbers and lists.
+    a finished one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False, default=_json_default))
-                fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

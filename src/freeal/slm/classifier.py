@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from freeal.config import SLMConfig
+from freeal.data import write_text_atomic
 from freeal.embed import Embedder, minilm_path, torch_device
 from freeal.errors import FreeALError
 from freeal.slm.augment import make_views
@@ -167,7 +168,10 @@ class SLMClassifier:
         self._build()
         rng = np.random.default_rng(cfg.seed)
         source = self._inputs(texts)
-        fixed_views = self._inputs(views if views is not None else make_views(list(texts), cfg.seed))
+        # Views feed only the consistency loss: plain training never needs them.
+        fixed_views = source
+        if cfg.robust:
+            fixed_views = self._inputs(views if views is not None else make_views(list(texts), cfg.seed))
         y_t = torch.as_tensor(y, device=self.device)
         labeled = np.flatnonzero(y >= 0)
         lr = cfg.lr or (1e-3 if cfg.mode == "head" else 3e-5)
@@ -189,7 +193,7 @@ class SLMClassifier:
                 clean[:] = False
                 clean[labeled[mask]] = True
             view = fixed_views
-            if cfg.mode == "finetune" and views is None and epoch > 0:
+            if cfg.robust and cfg.mode == "finetune" and views is None and epoch > 0:
                 view = make_views(list(texts), cfg.seed + epoch)
             used = np.arange(len(texts)) if robust_now else labeled
             start = time.perf_counter()
@@ -241,7 +245,7 @@ class SLMClassifier:
                 ce = F.cross_entropy(self.net.head(hidden), target)
                 loss = loss + ce
                 sums["ce"] += ce.item()
-                if ramp > 0 and len(c_idx) > 1:
+                if ramp > 0 and len(c_idx) > 1 and cfg.mixup_weight > 0:
                     lam = float(beta.sample())
                     lam = max(lam, 1 - lam)
                     perm = torch.randperm(len(c_idx), device=self.device)
@@ -249,7 +253,7 @@ class SLMClassifier:
                     mixed = self.net.head(lam * hidden + (1 - lam) * hidden[perm])
                     mix_target = lam * onehot + (1 - lam) * onehot[perm]
                     mix = -(mix_target * F.log_softmax(mixed, 1)).sum(1).mean()
-                    loss = loss + ramp * mix
+                    loss = loss + ramp * cfg.mixup_weight * mix
                     sums["mixup"] += mix.item()
             if ramp > 0 and len(n_idx) and cfg.lambda_u > 0:
                 cons = _symmetric_kl(
@@ -302,7 +306,7 @@ class SLMClassifier:
         tmp = folder / "model.pt.tmp"
         torch.save(self.net.state_dict(), tmp)
         tmp.replace(folder / "model.pt")
-        (folder / "slm.json").write_text(json.dumps(meta, indent=2))
+        write_text_atomic(folder / "slm.json", json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto") -> SLMClassifier:
