@@ -65,9 +65,8 @@ def slm(name: str) -> None:
         memory = r["peak_cuda_mb"] if r.get("peak_cuda_mb") else r["peak_rss_mb"]
         seconds = [e["seconds"] for e in r["epoch_log"] if "seconds" in e]
         train_s = f"{sum(seconds) / len(seconds):.1f}" if seconds else "–"
-        trained_on = {"robust": "noisy, robust", "plain": "noisy, plain CE", "gold": "gold, plain CE"}[
-            r["variant"]
-        ]
+        names = {"robust": "noisy, robust", "plain": "noisy, plain CE", "gold": "gold, plain CE"}
+        trained_on = names[r["variant"]] + "".join(f", {o}" for o in r.get("overrides", []))
         print(
             f"| {r['mode']} | {trained_on} | {r['views']} | {r['epochs']} "
             f"| {r['transductive_accuracy']:.4f} | {r['inductive_accuracy']:.4f} | {gmm_s} | {fb_s} "
