@@ -67,6 +67,9 @@ def annotate(
         "llamacpp"
     ),
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL.")] = None,
+    api_key_env: Annotated[
+        str, typer.Option(help="Environment variable holding the server's API key.")
+    ] = "OPENAI_API_KEY",
     calibrate: Annotated[
         str, typer.Option(help="Contextual calibration: auto (chosen without gold labels), on or off.")
     ] = "auto",
@@ -91,6 +94,7 @@ def annotate(
             "calibrate": calibrate,
             "n_threads": threads,
             "base_url": base_url,
+            "api_key_env": api_key_env,
             "cache_path": cache,
         },
         "options",
