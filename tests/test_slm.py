@@ -91,3 +91,10 @@ def test_finetune_mode_trains_the_encoder(sst2_slice):
     assert slm.net.encoder is not None
     assert len(slm.epoch_log) == 2 and slm.epoch_log[1]["ramp"] == 1.0
     assert slm.predict_proba(items.texts[:4]).shape == (4, 2)
+
+
+def test_robust_training_without_warm_up_splits_from_the_first_epoch(sst2_slice):
+    task, items, noisy = sst2_slice
+    cfg = SLMConfig(mode="head", epochs=2, warmup_epochs=0, device="cpu")
+    slm = SLMClassifier(task.label_names, cfg).fit(items.texts[:100], noisy[:100])
+    assert slm.epoch_log[0]["ramp"] > 0 and slm.epoch_log[0]["clean_fraction"] < 1.0

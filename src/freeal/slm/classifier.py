@@ -184,9 +184,10 @@ class SLMClassifier:
         for epoch in range(cfg.epochs):
             robust_now = cfg.robust and epoch >= cfg.warmup_epochs
             ramp = min(1.0, (epoch - cfg.warmup_epochs + 1) / cfg.rampup_epochs) if robust_now else 0.0
-            if epoch > 0:
+            if epoch > 0 or robust_now:
                 losses = self._item_losses(source, y, labeled)
-                history.append(losses)
+                if epoch > 0:  # epoch 0's losses come from an untrained model
+                    history.append(losses)
             if robust_now:
                 groups = y[labeled] if cfg.split_per_class else None
                 mask, _ = split_clean(losses, cfg.clean_threshold, cfg.seed, groups)
