@@ -73,8 +73,8 @@ def test_bad_labels_are_clear_errors():
 
 
 def test_a_class_without_items_still_trains(sst2_slice, caplog):
-    """Documented fallback: a label no item carries can only be learned through consistency; the
-    model still trains and predicts over the whole label set."""
+    """Documented fallback: a label no item carries can only be learned through the consistency
+    loss; the model still trains and predicts over the whole label set."""
     task, items, _ = sst2_slice
     labels = [*task.label_names, "neutral"]
     slm = SLMClassifier(labels, SLMConfig(mode="head", epochs=3, warmup_epochs=1, device="cpu"))
@@ -95,6 +95,7 @@ def test_finetune_mode_trains_the_encoder(sst2_slice):
 
 def test_robust_training_without_warm_up_splits_from_the_first_epoch(sst2_slice):
     task, items, noisy = sst2_slice
-    cfg = SLMConfig(mode="head", epochs=2, warmup_epochs=0, device="cpu")
+    cfg = SLMConfig(mode="head", epochs=2, warmup_epochs=0, lambda_u=1.0, device="cpu")
     slm = SLMClassifier(task.label_names, cfg).fit(items.texts[:100], noisy[:100])
     assert slm.epoch_log[0]["ramp"] > 0 and slm.epoch_log[0]["clean_fraction"] < 1.0
+    assert slm.epoch_log[1]["consistency"] > 0  # the noisy items train through their views

@@ -144,7 +144,7 @@ class SLMClassifier:
         missing = [self.labels[c] for c in range(len(self.labels)) if not (y == c).any()]
         if missing:
             log.warning(
-                "no labeled item for %s: the SLM can predict it only through the consistency loss", missing
+                "no labeled item for %s: only the consistency loss (lambda_u > 0) can teach it", missing
             )
         return y
 
@@ -168,9 +168,9 @@ class SLMClassifier:
         self._build()
         rng = np.random.default_rng(cfg.seed)
         source = self._inputs(texts)
-        # Views feed only the consistency loss: plain training never needs them.
+        # Views feed only the consistency loss: without it they are never needed.
         fixed_views = source
-        if cfg.robust:
+        if cfg.robust and cfg.lambda_u > 0:
             fixed_views = self._inputs(views if views is not None else make_views(list(texts), cfg.seed))
         y_t = torch.as_tensor(y, device=self.device)
         labeled = np.flatnonzero(y >= 0)
@@ -194,7 +194,7 @@ class SLMClassifier:
                 clean[:] = False
                 clean[labeled[mask]] = True
             view = fixed_views
-            if cfg.robust and cfg.mode == "finetune" and views is None and epoch > 0:
+            if cfg.robust and cfg.lambda_u > 0 and cfg.mode == "finetune" and views is None and epoch > 0:
                 view = make_views(list(texts), cfg.seed + epoch)
             used = np.arange(len(texts)) if robust_now else labeled
             start = time.perf_counter()
