@@ -17,7 +17,7 @@ def clean_probability(losses: np.ndarray, seed: int = 0) -> np.ndarray:
     if losses.size < 2 or np.ptp(losses) < 1e-12:
         return np.ones_like(losses)
     scaled = ((losses - losses.min()) / np.ptp(losses)).reshape(-1, 1)
-    gmm = GaussianMixture(n_components=2, max_iter=20, tol=1e-2, reg_covar=5e-4, random_state=seed)
+    gmm = GaussianMixture(n_components=2, max_iter=100, tol=1e-2, reg_covar=5e-4, random_state=seed)
     gmm.fit(scaled)
     low = int(np.argmin(gmm.means_.ravel()))
     return gmm.predict_proba(scaled)[:, low]
