@@ -54,7 +54,7 @@ class Embedder:
         return self._model
 
     def _key(self, texts: Sequence[str]) -> str:
-        digest = hashlib.sha256(str(Path(self.model_path).name).encode())
+        digest = hashlib.sha256(str(Path(self.model_path).resolve()).encode())
         for text in texts:
             digest.update(b"\x00" + text.encode("utf-8"))
         return digest.hexdigest()

@@ -89,15 +89,18 @@ class SLMClassifier:
 
     # -- inputs ---------------------------------------------------------------------------------
     def _build(self) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         torch.manual_seed(self.config.seed)
-        self._tokenizer = AutoTokenizer.from_pretrained(self.backbone)
-        encoder = AutoModel.from_pretrained(self.backbone).float()  # train in fp32 whatever the file holds
-        dim = encoder.config.hidden_size
+        dim = AutoConfig.from_pretrained(self.backbone).hidden_size
+        encoder = None
         if self.config.mode == "head":
             self._embedder = Embedder(self.backbone, device=self.device)
-            encoder = None
+        else:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.backbone)
+            encoder = AutoModel.from_pretrained(
+                self.backbone
+            ).float()  # train in fp32 whatever the file holds
         self.net = _Net(encoder, dim, len(self.labels), self.config.hidden).to(self.device)
 
     def _inputs(self, texts: Sequence[str]) -> torch.Tensor | list[str]:
