@@ -105,8 +105,8 @@ def choose_calibration(
     A model's prior preference for some labels shows up as predictions piled onto them; calibration
     removes it, but on a small model it can over-correct and pile predictions onto the other side.
     Keeping whichever labeling has the higher label entropy picked the more accurate one in 5 of 6
-    measured cases and cost 0.2 points in the sixth (BENCHMARKS.md). It assumes classes that are not extremely
-    imbalanced: with a known strong skew, set calibration on or off yourself.
+    measured cases and cost 0.2 points in the sixth (BENCHMARKS.md). It assumes classes that are
+    not extremely imbalanced: with a known strong skew, set calibration on or off yourself.
     """
     plain = [decide(a, labels, None)[0] for a in answers]
     calibrated = [decide(a, labels, offsets)[0] for a in answers]
