@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data
 
-.PHONY: install demo test lint bench-zeroshot
+.PHONY: install demo test lint bench-zeroshot bench-loop
 
 $(VENV)/.installed: pyproject.toml requirements-models.txt
 	python3 -m venv $(VENV)
@@ -17,8 +17,8 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/freeal annotate --task $(DATA)/sst2 --data $(DATA)/sst2/test.jsonl --limit 300 \
-		--out runs/demo/sst2-test-labels.jsonl
+	$(PY) examples/rotten_tomatoes.py runs/demo/data
+	$(VENV)/bin/freeal run examples/rotten-tomatoes.yaml
 
 test: install
 	$(VENV)/bin/ruff check src tests bench
@@ -26,3 +26,6 @@ test: install
 
 bench-zeroshot: install
 	$(PY) bench/zeroshot.py
+
+bench-loop: install
+	$(PY) bench/loop.py

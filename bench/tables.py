@@ -74,7 +74,28 @@ def slm(name: str) -> None:
         )
 
 
+def loop(name: str) -> None:
+    """One loop benchmark: a row per stage, from the run's report (freeal.report.rows)."""
+    from freeal.report import HEADER, rows
+
+    data = json.loads((RESULTS / name).read_text())
+    report = data["report"]
+    totals = report["totals"]
+    print(
+        f"\n`{name}`: {data['dataset']}, {data['slice']}; {data['machine']}; "
+        f"total {totals['seconds'] / 60:.1f} min, "
+        f"{totals['llm_calls']} LLM calls, {totals['evaluated_tokens']} tokens evaluated "
+        f"of {totals['prompt_tokens']} sent.\n"
+    )
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for row in rows(report):
+        print("| " + " | ".join(row) + " |")
+
+
 if __name__ == "__main__":
     zeroshot()
     for path in sorted(RESULTS.glob("slm_*.json")):
         slm(path.name)
+    for path in sorted(RESULTS.glob("loop_*.json")):
+        loop(path.name)

@@ -98,7 +98,7 @@ def label_entropy(predicted: Sequence[str | None]) -> float:
 
 
 def choose_calibration(
-    answers: Sequence[LabelScores], labels: Sequence[str], offsets: Sequence[float]
+    answers: Sequence[LabelScores], labels: Sequence[str], offsets: Sequence[Sequence[float] | None]
 ) -> bool:
     """The gold-free ``auto`` rule: calibrate when that spreads the predicted labels more evenly.
 
@@ -107,10 +107,88 @@ def choose_calibration(
     Keeping whichever labeling has the higher label entropy picked the more accurate one in 5 of 6
     measured cases and cost 0.2 points in the sixth (BENCHMARKS.md). It assumes classes that are
     not extremely imbalanced: with a known strong skew, set calibration on or off yourself.
+    ``offsets`` holds each answer's own offsets (they differ between groups of demonstrations).
     """
     plain = [decide(a, labels, None)[0] for a in answers]
-    calibrated = [decide(a, labels, offsets)[0] for a in answers]
+    calibrated = [decide(a, labels, o)[0] for a, o in zip(answers, offsets, strict=True)]
     return label_entropy(calibrated) > label_entropy(plain)
+
+
+Group = tuple[Sequence[int], Sequence[tuple[str, str]]]
+
+
+def label_groups(
+    task: Task,
+    texts: Sequence[str],
+    annotator: CachedAnnotator,
+    groups: Sequence[Group],
+    *,
+    calibrate: Calibration = "auto",
+    progress: bool = True,
+    description: str = "labeling",
+) -> pd.DataFrame:
+    """Label ``texts`` group by group; every item of a group sees the group's demonstrations.
+
+    A group is ``(item positions, demonstrations)``, the demonstrations ``(text, label)`` pairs in
+    prompt order. Prompts go to the model group after group, so that a backend reusing its KV cache
+    (llama.cpp) evaluates the instructions and a group's demonstrations once and then only each
+    item's own tokens. Contextual calibration is per group: the content-free inputs are asked with
+    the group's demonstrations (which costs only their few tokens), since demonstrations shift the
+    model's label prior. Items in no group are returned unlabeled (``label`` None, ``asked`` False).
+
+    Returns one row per text: ``label, confidence, probs, log_scores, asked``; ``frame.attrs``
+    records whether calibration was applied (``calibrated``) and each group's content-free offsets
+    (``group_offsets``, computed unless ``calibrate="off"``), so other choices can be evaluated later.
+    """
+    labels = task.label_names
+    calib = calibrate != "off"
+    prompts: list[list] = []
+    slots: list[tuple[int, int]] = []  # (group, item position or -1 for a content-free input)
+    for g, (members, demos) in enumerate(groups):
+        if calib:
+            for text in CONTENT_FREE_INPUTS:
+                prompts.append(classification_prompt(task, text, demos))
+                slots.append((g, -1))
+        for i in members:
+            prompts.append(classification_prompt(task, texts[i], demos))
+            slots.append((g, int(i)))
+    answers: dict[int, LabelScores] = {}
+    free: list[list[list[float]]] = [[] for _ in groups]
+    stream = annotator.score_many(prompts, labels)
+    for j, answer in progress_bar(stream, len(prompts), description, progress):
+        g, i = slots[j]
+        if i >= 0:
+            answers[i] = answer
+        elif answer.scores:
+            free[g].append(log_softmax(answer.scores))
+    per_group = [np.mean(np.asarray(f), axis=0).tolist() if f else None for f in free]
+    offsets = {int(i): per_group[g] for g, (members, _) in enumerate(groups) if per_group[g] for i in members}
+    if calibrate == "auto" and offsets:
+        asked = sorted(answers)
+        if not choose_calibration([answers[i] for i in asked], labels, [offsets.get(i) for i in asked]):
+            offsets = {}
+    rows = []
+    for i in range(len(texts)):
+        answer = answers.get(i)
+        if answer is None:
+            rows.append(
+                {"label": None, "confidence": None, "probs": None, "log_scores": None, "asked": False}
+            )
+            continue
+        label, confidence, probs = decide(answer, labels, offsets.get(i))
+        rows.append(
+            {
+                "label": label,
+                "confidence": confidence,
+                "probs": dict(zip(labels, probs, strict=True)) if probs else None,
+                "log_scores": answer.scores,
+                "asked": True,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=["label", "confidence", "probs", "log_scores", "asked"])
+    frame.attrs["calibrated"] = bool(offsets)
+    frame.attrs["group_offsets"] = per_group
+    return frame
 
 
 def annotate(
@@ -128,30 +206,11 @@ def annotate(
     calibration choices can be evaluated without calling the model again). ``frame.attrs``
     records whether calibration was applied (``calibrated``), which matters for ``auto``.
     """
-    labels = task.label_names
-    offsets = content_free_offsets(task, annotator) if calibrate != "off" else None
-    prompts = [classification_prompt(task, text) for text in items.texts]
-    answers: list[LabelScores] = [None] * len(prompts)  # type: ignore[list-item]
-    for i, answer in progress_bar(annotator.score_many(prompts, labels), len(prompts), "labeling", progress):
-        answers[i] = answer
-    if calibrate == "auto" and offsets is not None and not choose_calibration(answers, labels, offsets):
-        offsets = None
-    rows = []
-    for item_id, text, answer in zip(items.ids, items.texts, answers, strict=True):
-        label, confidence, probs = decide(answer, labels, offsets)
-        rows.append(
-            {
-                "id": item_id,
-                "text": text,
-                "label": label,
-                "confidence": confidence,
-                "probs": dict(zip(labels, probs, strict=True)) if probs else None,
-                "log_scores": answer.scores,
-            }
-        )
-    frame = pd.DataFrame(rows)
-    frame.attrs["calibrated"] = offsets is not None
-    return frame
+    everything = [(range(len(items)), ())]
+    frame = label_groups(task, items.texts, annotator, everything, calibrate=calibrate, progress=progress)
+    frame.insert(0, "text", items.texts)
+    frame.insert(0, "id", items.ids)
+    return frame.drop(columns="asked")
 
 
 def label_texts(

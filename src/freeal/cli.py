@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from freeal.config import LLMConfig, validate
+from freeal.config import DataConfig, LLMConfig, RunConfig, validate
 from freeal.errors import FreeALError
 
 app = typer.Typer(
@@ -254,6 +254,84 @@ def train(
         print_metrics(metrics["inductive"], "SLM on the test set")
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     console.print(f"wrote {out}: model/, predictions.jsonl, demonstrations.jsonl, metrics.json")
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """Read and validate a run config; relative paths are relative to the config file's folder.
+
+    Everything is checked here, before any model is loaded: unknown keys, bad values, missing files.
+    """
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise FreeALError(f"{path}: cannot read the run config ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise FreeALError(f"{path}: a run config must be a mapping (task, data, out, llm, slm, loop)")
+    cfg = validate(RunConfig, raw, str(path))
+    base = path.resolve().parent
+
+    def here(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p).resolve()
+
+    cfg.data.path = here(cfg.data.path)
+    cfg.out = here(cfg.out)
+    if isinstance(cfg.task, Path):
+        cfg.task = here(cfg.task)
+    if cfg.test is not None:
+        cfg.test.path = here(cfg.test.path)
+    if cfg.llm.cache_path is not None:
+        cfg.llm.cache_path = here(cfg.llm.cache_path)
+    for what, p in (("data.path", cfg.data.path), ("test.path", cfg.test.path if cfg.test else None)):
+        if p is not None and not p.is_file():
+            raise FreeALError(f"{path}: {what}: no such file {p}")
+    return cfg
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML/JSON): task, data, out, llm, slm, loop.")],
+    out: Annotated[Path | None, typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Run the FreeAL loop (or resume it in its run folder); print the per-round report."""
+    from freeal.data import read_items
+    from freeal.loop import FreeAL
+    from freeal.report import table
+    from freeal.tasks import load_task, task_from_dict
+
+    cfg = load_run_config(config)
+    the_task = load_task(cfg.task) if isinstance(cfg.task, Path) else task_from_dict(cfg.task, str(config))
+
+    def read(d: DataConfig):  # type: ignore[no-untyped-def]
+        return read_items(
+            d.path,
+            text_col=d.text_col,
+            id_col=d.id_col,
+            label_col=d.label_col,
+            task=the_task,
+            limit=d.limit,
+            seed=d.seed,
+        )
+
+    items = read(cfg.data)
+    test = read(cfg.test) if cfg.test else None
+    if test is not None and test.gold is None:
+        raise FreeALError(f"{test.source}: the test set needs gold labels (column {cfg.test.label_col!r})")
+    loop = FreeAL(
+        the_task, cfg.llm, cfg.slm, cfg.loop, run_dir=out or cfg.out, progress=not quiet, say=console.print
+    )
+    console.print(f"{len(items)} texts from {items.source}; run folder {loop.run_dir}")
+    try:
+        loop.fit(items, test=test)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished steps and LLM answers are kept; run the same command to resume")
+        raise typer.Exit(130) from None
+    # a log file or a pipe gets the whole table, not one squeezed to rich's default 80 columns
+    (console if console.is_terminal else Console(stderr=True, width=180)).print(table(loop.report_))
+    console.print(f"labels: {loop.run_dir / 'labels.jsonl'}", soft_wrap=True)
+    console.print(f"report: {loop.run_dir / 'report.html'}", soft_wrap=True)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from freeal.errors import FreeALError
 
@@ -47,6 +47,12 @@ class LLMConfig(BaseModel):
     timeout: float = Field(default=60.0, gt=0)
     # where answers are cached; default: $FREEAL_CACHE_DIR or ~/.cache/freeal
     cache_path: Path | None = None
+
+    @field_validator("calibrate", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: object) -> object:
+        """YAML reads a bare ``on``/``off`` as a boolean; take it as the word the user wrote."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 def validate(model: type[BaseModel], raw: dict, source: str) -> BaseModel:
@@ -89,3 +95,64 @@ class SLMConfig(BaseModel):
     sharpen_temperature: float = Field(default=0.5, gt=0)
     device: str = "auto"
     seed: int = 0
+
+
+class LoopConfig(BaseModel):
+    """The FreeAL loop: demonstration writing, rounds, and how demonstrations reach the prompts.
+
+    ``group_size``: items clustered into groups of about this size share their demonstrations (the
+    ones nearest to the group's centroid), so llama.cpp evaluates them once per group; ``null`` gives
+    each item its own ``k`` nearest, as in the paper (much slower on an embedded model).
+    ``min_change``: stop early when a refinery round changes fewer than this share of labels.
+    ``initial_demos``: ``generated`` (the paper: the LLM writes demonstrations for the initial round)
+    or ``none`` (the initial round is zero-shot; demonstrations come only from the SLM's pool).
+    ``max_calls_per_label``: calls allowed to fill a label's quota (default: twice the calls needed).
+    ``verify_demos``: keep only written demonstrations that the LLM labels, zero-shot, as intended.
+    ``zero_shot_baseline``: also label everything zero-shot, for comparison only (one extra pass).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    initial_demos: Literal["generated", "none"] = "generated"
+    demos_per_label: int = Field(default=16, ge=1)
+    demos_per_call: int = Field(default=4, ge=1, le=20)
+    max_calls_per_label: int | None = Field(default=None, ge=1)
+    style_examples: int = Field(default=3, ge=1)
+    generation_temperature: float = Field(default=0.8, ge=0)
+    verify_demos: bool = True
+    k: int = Field(default=10, ge=0)
+    balanced: bool = True
+    group_size: int | None = Field(default=32, ge=1)
+    refinery_rounds: int = Field(default=2, ge=0)
+    min_change: float = Field(default=0.01, ge=0, le=1)
+    clean_fraction: float = Field(default=0.2, gt=0, le=1)
+    pool_size: int = Field(default=100, ge=1)
+    zero_shot_baseline: bool = False
+    seed: int = 0
+
+
+class DataConfig(BaseModel):
+    """Where texts come from. ``label_col`` names gold labels, read only to evaluate (absent is fine)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    text_col: str = "text"
+    id_col: str | None = None
+    label_col: str | None = "label"
+    limit: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+
+class RunConfig(BaseModel):
+    """A whole ``freeal run``: the task, the texts, where to write, and the three stages' settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Path | dict
+    data: DataConfig
+    test: DataConfig | None = None
+    out: Path
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    slm: SLMConfig = Field(default_factory=SLMConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)

@@ -42,6 +42,22 @@ class LabelScores:
         return cls(**raw)
 
 
+@dataclass
+class Generation:
+    """One free-text answer (used only to write demonstrations, never to label)."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Generation:
+        return cls(**raw)
+
+
 class Annotator(Protocol):
     """A labeling backend.
 
@@ -55,6 +71,12 @@ class Annotator(Protocol):
         self, prompts: Sequence[list[Message]], labels: Sequence[str]
     ) -> Iterator[tuple[int, LabelScores]]:
         """Answer every prompt; yield ``(index, answer)`` pairs as they complete, in any order."""
+        ...
+
+    def generate_many(
+        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
+    ) -> Iterator[tuple[int, Generation]]:
+        """Write a free-text answer to every prompt (sampled under ``seed``); yield ``(index, answer)``."""
         ...
 
 

@@ -12,11 +12,14 @@ import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from freeal.llm.base import Annotator, LabelScores, Message
+from freeal.llm.base import Annotator, Generation, LabelScores, Message
+
+A = TypeVar("A", LabelScores, Generation)
 
 
 @dataclass
@@ -30,21 +33,28 @@ class Ledger:
     completion_tokens: int = 0
     abstained: int = 0
 
-    def add(self, answer: LabelScores, *, cached: bool) -> None:
+    def add(self, answer: LabelScores | Generation, *, cached: bool) -> None:
         if cached:
             self.cache_hits += 1
         else:
             self.calls += 1
             self.prompt_tokens += answer.prompt_tokens
-            self.evaluated_tokens += answer.evaluated_tokens
+            self.evaluated_tokens += (
+                answer.evaluated_tokens if isinstance(answer, LabelScores) else answer.prompt_tokens
+            )
             self.completion_tokens += answer.completion_tokens
-        self.abstained += answer.label is None
+        self.abstained += isinstance(answer, LabelScores) and answer.label is None
+
+    def since(self, before: Ledger) -> Ledger:
+        """What was spent after the snapshot ``before`` (a copy taken with :func:`dataclasses.replace`)."""
+        mine, theirs = asdict(self), asdict(before)
+        return Ledger(**{k: mine[k] - theirs[k] for k in mine})
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def cache_key(identity: str, mode: str, messages: list[Message], labels: Sequence[str]) -> str:
+def cache_key(identity: str, mode: str, messages: list[Message], labels: Sequence[str] = ()) -> str:
     payload = json.dumps([identity, mode, messages, list(labels)], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
@@ -61,17 +71,18 @@ class CallCache:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, LabelScores]:
-        found: dict[str, LabelScores] = {}
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict]:
+        """The stored answers (as JSON objects) of those ``keys`` that are in the cache."""
+        found: dict[str, dict] = {}
         with self._lock:
             for start in range(0, len(keys), 500):
                 chunk = list(keys[start : start + 500])
                 marks = ",".join("?" * len(chunk))
                 rows = self._db.execute(f"SELECT key, value FROM answers WHERE key IN ({marks})", chunk)
-                found.update((k, LabelScores.from_json(json.loads(v))) for k, v in rows)
+                found.update((k, json.loads(v)) for k, v in rows)
         return found
 
-    def put(self, key: str, answer: LabelScores) -> None:
+    def put(self, key: str, answer: LabelScores | Generation) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)",
@@ -105,7 +116,33 @@ class CachedAnnotator:
         self, prompts: Sequence[list[Message]], labels: Sequence[str]
     ) -> Iterator[tuple[int, LabelScores]]:
         keys = [cache_key(self.identity, self.mode, p, labels) for p in prompts]
-        hits = self.cache.get_many(keys)
+        hits = {k: LabelScores.from_json(v) for k, v in self.cache.get_many(keys).items()}
+        yield from self._through_cache(prompts, keys, hits, lambda todo: self.inner.score_many(todo, labels))
+
+    def generate_many(
+        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
+    ) -> Iterator[tuple[int, Generation]]:
+        """Free-text answers through the cache (keyed also by the sampling settings)."""
+        mode = f"generate:max_tokens={max_tokens},t={temperature:g},seed={seed}"
+        keys = [cache_key(self.identity, mode, p) for p in prompts]
+        hits = {k: Generation.from_json(v) for k, v in self.cache.get_many(keys).items()}
+        yield from self._through_cache(
+            prompts,
+            keys,
+            hits,
+            lambda todo: self.inner.generate_many(
+                todo, max_tokens=max_tokens, temperature=temperature, seed=seed
+            ),
+        )
+
+    def _through_cache(
+        self,
+        prompts: Sequence[list[Message]],
+        keys: list[str],
+        hits: dict[str, A],
+        ask: Callable[[list[list[Message]]], Iterable[tuple[int, A]]],
+    ) -> Iterator[tuple[int, A]]:
+        """Yield cached answers, then ask ``ask`` for the rest, storing each answer as it arrives."""
         missing: list[int] = []
         for i, key in enumerate(keys):
             if key in hits:
@@ -118,7 +155,7 @@ class CachedAnnotator:
         for i in missing:
             copies.setdefault(keys[i], []).append(i)
         todo = [group[0] for group in copies.values()]
-        for j, answer in self.inner.score_many([prompts[i] for i in todo], labels):
+        for j, answer in ask([prompts[i] for i in todo]):
             first, *rest = copies[keys[todo[j]]]
             self.cache.put(keys[first], answer)
             self.ledger.add(answer, cached=False)

@@ -17,7 +17,7 @@ import llama_cpp
 import numpy as np
 
 from freeal.errors import FreeALError
-from freeal.llm.base import LabelScores, Message
+from freeal.llm.base import Generation, LabelScores, Message
 
 
 def default_threads() -> int:
@@ -139,3 +139,25 @@ class LlamaCppAnnotator:
     ) -> Iterator[tuple[int, LabelScores]]:
         for i, messages in enumerate(prompts):
             yield i, self.score(messages, labels)
+
+    def generate_many(
+        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
+    ) -> Iterator[tuple[int, Generation]]:
+        """Sampled chat answers under the model's own chat template; the same prompt and seed give the
+        same answer, so a resumed run that lost its cache would write the same demonstrations."""
+        for i, messages in enumerate(prompts):
+            out = self.llm.create_chat_completion(
+                messages=list(messages),  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=seed,
+            )
+            usage = out.get("usage") or {}  # type: ignore[union-attr]
+            yield (
+                i,
+                Generation(
+                    text=out["choices"][0]["message"].get("content") or "",  # type: ignore[index]
+                    prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                    completion_tokens=int(usage.get("completion_tokens", 0)),
+                ),
+            )

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from freeal.errors import FreeALError
-from freeal.llm.base import LabelScores, Message
+from freeal.llm.base import Generation, LabelScores, Message
 
 log = logging.getLogger(__name__)
 
@@ -459,14 +459,23 @@ class OpenAICompatAnnotator:
                 f"OpenAI-compatible annotator: labels must be non-empty and distinct ignoring case: {labels}."
             )
         prompts = [list(p) for p in prompts]
-        return self._stream(prompts, labels)
+        return self._stream(prompts, labels, None)
 
-    def _stream(self, prompts: list[list[Message]], labels: list[str]) -> Iterator[tuple[int, LabelScores]]:
+    def generate_many(
+        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
+    ) -> Iterator[tuple[int, Generation]]:
+        """Free-text answers (sampled, no logprobs), with the same transport, limits and retries."""
+        sampling = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+        return self._stream([list(p) for p in prompts], [], sampling)
+
+    def _stream(
+        self, prompts: list[list[Message]], labels: list[str], sampling: dict[str, Any] | None
+    ) -> Iterator[tuple[int, Any]]:
         if not prompts:
             return
         keys = {ep.api_key_env: (os.environ.get(ep.api_key_env) or None) for ep in self._endpoints}
         out: queue.Queue[tuple[str, Any]] = queue.Queue()
-        run = _Run(self, prompts, labels, keys, out)
+        run = _Run(self, prompts, labels, keys, out, sampling)
         thread = threading.Thread(target=run.thread_main, name="freeal-openai-compat", daemon=True)
         thread.start()
         remaining = len(prompts)
@@ -530,8 +539,10 @@ class _Run:
         labels: list[str],
         keys: dict[str, str | None],
         out: queue.Queue[tuple[str, Any]],
+        sampling: dict[str, Any] | None = None,
     ) -> None:
         self.owner = owner
+        self.sampling = sampling  # set: write free text with these settings instead of scoring labels
         self.prompts = prompts
         self.labels = labels
         self._keys = keys
@@ -605,8 +616,14 @@ class _Run:
                 index = todo.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            answer = await self._score_one(self.prompts[index])
+            messages = self.prompts[index]
+            answer = await (self._generate_one(messages) if self.sampling else self._score_one(messages))
             self.out.put(("result", (index, answer)))
+
+    async def _generate_one(self, messages: list[Message]) -> Generation:
+        usage = _Usage()
+        completion = await self._complete(messages, usage)
+        return Generation(completion.text, usage.prompt_tokens, usage.completion_tokens)
 
     async def _score_one(self, messages: list[Message]) -> LabelScores:
         usage = _Usage()
@@ -642,6 +659,10 @@ class _Run:
         """One chat completion with retries; adds the server's token usage to ``usage``."""
         owner = self.owner
         body = owner._request_body(messages)
+        if self.sampling:
+            body.update(self.sampling)
+            body.pop("logprobs", None)
+            body.pop("top_logprobs", None)
         last_error = "no attempt made"
         for attempt in range(owner.max_retries + 1):
             endpoint = self._pick_endpoint()
@@ -729,5 +750,5 @@ class _Run:
         if ep.tokens is not None and (prompt_tokens or completion_tokens):
             ep.tokens.adjust(prompt_tokens + completion_tokens - estimate)
         owner._observe(messages, prompt_tokens)
-        candidates = first_token_candidates(choice) if owner.use_logprobs else None
+        candidates = first_token_candidates(choice) if owner.use_logprobs and not self.sampling else None
         return _Completion(content, candidates, prompt_tokens, completion_tokens)

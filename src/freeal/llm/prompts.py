@@ -35,3 +35,27 @@ def classification_prompt(
         {"role": "system", "content": system_prompt(task)},
         {"role": "user", "content": f"{demo_block}Text: {text}\nLabel:"},
     ]
+
+
+def generation_prompt(task: Task, label: str, style_texts: Sequence[str], n: int) -> list[Message]:
+    """Ask for ``n`` new texts of class ``label``, in the style of a few unlabeled ``style_texts``.
+
+    FreeAL's initial round: the LLM writes its own demonstrations from the task and label
+    descriptions (label-conditioned generation). Unlabeled texts are shown only for their style and
+    length; they carry no label, so no human annotation enters the prompt.
+    """
+    examples = "\n".join(f"- {t}" for t in style_texts)
+    return [
+        {"role": "system", "content": "You write realistic example data for a text labeling task."},
+        {
+            "role": "user",
+            "content": (
+                f"Task: {task.description}\n"
+                f'Label "{label}": {task.labels[label]}\n\n'
+                f"Unlabeled texts from the data set, to show the style and length:\n{examples}\n\n"
+                f"Write {n} new, different texts in the same style that clearly belong to the label "
+                f'"{label}". '
+                f"Write one text per line, numbered 1. to {n}, and nothing else."
+            ),
+        },
+    ]

@@ -1,0 +1,141 @@
+"""Demonstration writing (parsing, filtering, OpenAI-compatible generation) and who sees which
+demonstrations (per-item kNN or shared per group), including the tokens that sharing saves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pytest
+
+from freeal.annotate import label_groups
+from freeal.data import read_items
+from freeal.demos import demonstration_groups, generate_demonstrations, parse_generated
+from freeal.embed import Embedder
+from freeal.errors import FreeALError
+from freeal.llm.base import Generation, Message
+from freeal.llm.cache import CachedAnnotator, CallCache
+from freeal.llm.openai_compat import OpenAICompatAnnotator
+from freeal.tasks import load_task, task_from_dict
+from openai_server import FakeOpenAIServer
+
+TASK = task_from_dict(
+    {"name": "t", "description": "Sentiment of a review.", "labels": {"good": "praise", "bad": "criticism"}}
+)
+
+
+class Scripted:
+    """A backend whose free-text answers are given in advance, one per call (for the filters)."""
+
+    identity = "scripted"
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+
+    def generate_many(
+        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
+    ) -> Iterator[tuple[int, Generation]]:
+        for i, _ in enumerate(prompts):
+            yield i, Generation(self.answers.pop(0), 10, 10)
+
+
+def test_parse_generated_reads_numbered_and_bulleted_lists() -> None:
+    answer = 'Here you go:\n1. "A fine film."\n2) Dull and long.\n- Bulleted one\n\nThanks!\n3.   \n'
+    assert parse_generated(answer) == ["A fine film.", "Dull and long.", "Bulleted one"]
+
+
+def test_generated_copies_duplicates_and_cross_label_repeats_are_dropped(tmp_path) -> None:
+    style = ["the movie was a total waste of my evening", "simply a joy from start to finish"]
+    answers = [
+        # good, call 1: a near copy of a style text (one word changed), a keeper, a duplicate of it
+        "1. The movie was a total waste of my night\n2. Wonderful acting.\n3. wonderful acting!",
+        # good, call 2
+        "1. A triumph.\n2. Moving and funny.",
+        # bad, call 1: one repeats a text already kept for 'good'
+        "1. A triumph.\n2. Boring.",
+        "1. Awful script.\n2. Painful to sit through.",
+    ]
+    ann = CachedAnnotator(Scripted(answers), CallCache(tmp_path / "c.sqlite"))
+    demos, report = generate_demonstrations(TASK, ann, style, per_label=3, per_call=2, seed=1)
+    assert [d for d in demos if d[1] == "good"] == [
+        ("Wonderful acting.", "good"),
+        ("A triumph.", "good"),
+        ("Moving and funny.", "good"),
+    ]
+    assert [d for d in demos if d[1] == "bad"] == [
+        ("Boring.", "bad"),
+        ("Awful script.", "bad"),
+        ("Painful to sit through.", "bad"),
+    ]
+    assert report.dropped_copies == 1 and report.dropped_duplicates == 2 and report.calls == 4
+
+
+def test_a_label_without_any_usable_demonstration_is_an_error(tmp_path) -> None:
+    answers = ["1. Great.", "Sorry, I cannot do that.", "No."]
+    ann = CachedAnnotator(Scripted(answers), CallCache(tmp_path / "c.sqlite"))
+    with pytest.raises(FreeALError, match="'bad'"):
+        generate_demonstrations(TASK, ann, ["some text"], per_label=1, per_call=1)
+
+
+def test_generation_through_an_openai_compatible_server() -> None:
+    with FakeOpenAIServer(policy=lambda users: "1. Lovely.\n2. Superb.") as server:
+        ann = OpenAICompatAnnotator("m", server.url, backoff_base=0.01)
+        out = dict(
+            ann.generate_many(
+                [[{"role": "user", "content": "write"}]], max_tokens=50, temperature=0.7, seed=3
+            )
+        )
+    assert parse_generated(out[0].text) == ["Lovely.", "Superb."]
+    body = server.bodies[0]
+    assert body["max_tokens"] == 50 and body["temperature"] == 0.7 and body["seed"] == 3
+    assert "logprobs" not in body and "top_logprobs" not in body
+
+
+def _unit(rng: np.random.Generator, n: int, d: int = 16) -> np.ndarray:
+    v = rng.normal(size=(n, d))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_per_item_groups_are_each_items_balanced_nearest() -> None:
+    rng = np.random.default_rng(0)
+    items, demos = _unit(rng, 7), _unit(rng, 12)
+    labels = ["a", "b", "c"] * 4
+    groups = demonstration_groups(items, demos, labels, k=6, group_size=None)
+    assert [m.tolist() for m, _ in groups] == [[i] for i in range(7)]
+    for (_, picked), vec in zip(groups, items, strict=True):
+        assert len(picked) == 6 and sorted(labels[j] for j in picked) == ["a", "a", "b", "b", "c", "c"]
+        sims = demos[picked] @ vec
+        assert list(sims) == sorted(sims)  # most similar last
+        for label in "abc":  # each class's two are its two nearest
+            mine = [j for j in range(12) if labels[j] == label]
+            best = sorted(mine, key=lambda j: -(demos[j] @ vec))[:2]
+            assert {j for j in picked if labels[j] == label} == set(best)
+
+
+def test_shared_groups_partition_the_items() -> None:
+    rng = np.random.default_rng(1)
+    items, demos = _unit(rng, 50), _unit(rng, 10)
+    groups = demonstration_groups(items, demos, ["x", "y"] * 5, k=4, group_size=10, seed=0)
+    assert len(groups) == 5
+    assert sorted(i for m, _ in groups for i in m) == list(range(50))
+    assert all(len(p) == 4 for _, p in groups)
+    again = demonstration_groups(items, demos, ["x", "y"] * 5, k=4, group_size=10, seed=0)
+    assert [(m.tolist(), p) for m, p in groups] == [(m.tolist(), p) for m, p in again]
+
+
+def test_shared_demonstrations_evaluate_far_fewer_tokens(data_dir, smollm2, tmp_path) -> None:
+    task = load_task(data_dir / "sst2")
+    items = read_items(data_dir / "sst2" / "train.jsonl", task=task, limit=36, seed=2)
+    pool = read_items(data_dir / "sst2" / "dev.jsonl", task=task, limit=12, seed=2)
+    demos = list(zip(pool.texts, pool.gold, strict=True))
+    embed = Embedder(device="cpu")
+    vectors, demo_vectors = embed.encode(items.texts), embed.encode(pool.texts)
+    per_token = {}
+    for name, size in (("item", None), ("shared", 12)):
+        found = demonstration_groups(vectors, demo_vectors, pool.gold, k=6, group_size=size)
+        groups = [(m, [demos[j] for j in p]) for m, p in found]
+        ann = CachedAnnotator(smollm2, CallCache(tmp_path / f"{name}.sqlite"))
+        frame = label_groups(task, items.texts, ann, groups, calibrate="off", progress=False)
+        assert frame["asked"].all() and frame["label"].notna().all()
+        per_token[name] = ann.ledger.evaluated_tokens / len(items)
+    assert per_token["shared"] < 0.4 * per_token["item"]
