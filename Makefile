@@ -21,7 +21,7 @@ demo: install
 	$(VENV)/bin/freeal run examples/rotten-tomatoes.yaml
 
 test: install
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/pytest -q
 
 bench-zeroshot: install

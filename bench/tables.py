@@ -85,7 +85,7 @@ def loop(name: str) -> None:
         f"\n`{name}`: {data['dataset']}, {data['slice']}; {data['machine']}; "
         f"total {totals['seconds'] / 60:.1f} min, "
         f"{totals['llm_calls']} LLM calls, {totals['evaluated_tokens']} tokens evaluated "
-        f"of {totals['prompt_tokens']} sent.\n"
+        f"of {totals['prompt_tokens']} sent." + (f" {data['note']}." if data.get("note") else "") + "\n"
     )
     print("| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * len(HEADER))

@@ -28,14 +28,18 @@ def main(out: Path) -> None:
     frame = pd.read_csv(corpus())
     reviews = frame[frame["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
     reviews = pd.DataFrame(
-        {"text": reviews["text"].str.strip(), "label": reviews["category"].map({"fresh": "positive", "rotten": "negative"})}
+        {
+            "text": reviews["text"].str.strip(),
+            "label": reviews["category"].map({"fresh": "positive", "rotten": "negative"}),
+        }
     )
     reviews = reviews[reviews["text"].str.len() > 0].sample(frac=1.0, random_state=0)
     cut = int(0.8 * len(reviews))
     out.mkdir(parents=True, exist_ok=True)
     reviews.iloc[:cut].to_csv(out / "train.csv", index=False)
     reviews.iloc[cut:].to_csv(out / "test.csv", index=False)
-    print(f"{len(reviews)} review snippets: {cut} in {out / 'train.csv'}, {len(reviews) - cut} in {out / 'test.csv'}")
+    rest = len(reviews) - cut
+    print(f"{len(reviews)} review snippets: {cut} in {out / 'train.csv'}, {rest} in {out / 'test.csv'}")
 
 
 if __name__ == "__main__":

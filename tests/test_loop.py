@@ -261,3 +261,23 @@ loop: {{initial_demos: none, k: 6, group_size: 12, refinery_rounds: 1}}
     groups = read_jsonl(out / "round-1/llm/groups.jsonl")
     assert all(len({d["label"] for d in g["demonstrations"]}) >= 2 for g in groups)  # balanced over the pool
     assert np.isfinite([r["confidence"] for r in labels]).all()
+
+
+def test_combined_refinery_label_needs_the_new_answer_to_outweigh_the_old():
+    from freeal.loop import _combine
+
+    names = ["a", "b"]
+    previous = pd.DataFrame({"probs": [{"a": 0.9, "b": 0.1}, {"a": 0.6, "b": 0.4}, {"a": 0.9, "b": 0.1}]})
+    fresh = pd.DataFrame(
+        {
+            "label": ["b", "b", "a"],
+            "confidence": [0.7, 0.9, 0.8],
+            "probs": [{"a": 0.3, "b": 0.7}, {"a": 0.1, "b": 0.9}, {"a": 0.8, "b": 0.2}],
+            "asked": [True, True, False],
+        }
+    )
+    out = _combine(previous, fresh, names)
+    assert out["label"].tolist() == ["a", "b", "a"]  # weak new "b" loses to a strong old "a"
+    assert out["probs"][0]["a"] == pytest.approx(0.27 / 0.34)
+    assert out["confidence"][1] == pytest.approx(0.36 / 0.42)
+    assert out["probs"][2] == {"a": 0.8, "b": 0.2}  # not asked: untouched

@@ -346,6 +346,8 @@ class FreeAL:
             calibrate = "on" if self._summary("round-0/llm")["calibrated"] else "off"
         fresh = self._label(groups, calibrate, f"round {r}")
         asked = fresh["asked"].to_numpy(bool)
+        if self.loop.refined_label == "combined":
+            fresh = _combine(previous, fresh, self.task.label_names)
         frame = previous.copy()
         for col in ("label", "confidence", "probs", "log_scores"):
             frame[col] = [f if a else p for f, p, a in zip(fresh[col], previous[col], asked, strict=True)]
@@ -461,6 +463,24 @@ class FreeAL:
         self.slm_ = SLMClassifier.load(self._path(f"round-{last}/slm") / "model", device=self.slm.device)
         self.labels_ = frame
         return frame
+
+
+def _combine(previous: pd.DataFrame, fresh: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """The refinery answers merged with the earlier ones: label and confidence from the normalized
+    product of the two answers' probabilities (the raw ``log_scores`` stay the new answer's). Where
+    either answer has no probabilities (an abstention, a parsed answer) the new answer stands."""
+    out = fresh.copy()
+    for i in np.flatnonzero(fresh["asked"].to_numpy(bool)):
+        old, new = previous["probs"].iloc[i], fresh["probs"].iloc[i]
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            continue
+        joint = np.asarray([old[n] * new[n] for n in names], dtype=np.float64)
+        joint = joint / joint.sum() if joint.sum() > 0 else np.full(len(names), 1 / len(names))
+        best = int(np.argmax(joint))
+        out.at[out.index[i], "label"] = names[best]
+        out.at[out.index[i], "confidence"] = float(joint[best])
+        out.at[out.index[i], "probs"] = dict(zip(names, joint.tolist(), strict=True))
+    return out
 
 
 def _plain(value: Any) -> Any:

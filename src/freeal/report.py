@@ -94,7 +94,9 @@ def rows(report: dict) -> list[list[str]]:
         out.append(
             [
                 "demonstrations",
-                f"{demos['kept']} kept",
+                f"{demos['verified']} of {demos['kept']} kept"
+                if "verified" in demos
+                else f"{demos['kept']} kept",
                 "–",
                 "–",
                 str(u.get("calls", 0)),
@@ -210,9 +212,11 @@ def _plots(report: dict) -> list[tuple[str, str]]:
         names = metrics["labels"]
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set_yticks(range(len(metrics["confusion"])), names[: len(metrics["confusion"])])
+        top = max(max(row) for row in metrics["confusion"]) or 1
         for i, row in enumerate(metrics["confusion"]):
             for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+                shade = "white" if v > top / 2 else "black"  # readable on dark and light cells
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color=shade)
         ax.set_xlabel("label given")
         ax.set_ylabel("gold")
         plots.append((f"Confusion matrix of the labels after round {rd['round']}", _png(fig)))
