@@ -41,8 +41,8 @@ from freeal.tasks import Task
 
 log = logging.getLogger(__name__)
 
-#: Settings that change no answer and no label, left out of a run's fingerprint.
-_NOT_FINGERPRINTED = {"llm": {"n_threads", "cache_path", "max_concurrency", "timeout", "max_retries"}}
+#: LLM settings that change no answer and no label, left out of a run's fingerprint.
+_LLM_NOT_FINGERPRINTED = {"n_threads", "cache_path", "max_concurrency", "timeout", "max_retries"}
 
 
 def _as_items(texts: Any, gold: Sequence[str | None] | None, task: Task) -> Items:
@@ -68,7 +68,7 @@ def fingerprint(task: Task, items: Items, llm: LLMConfig, slm: SLMConfig, loop: 
     return {
         "task": task.model_dump(),
         "texts": {"n": len(items), "sha256": digest.hexdigest()},
-        "llm": llm.model_dump(mode="json", exclude=_NOT_FINGERPRINTED["llm"]),
+        "llm": llm.model_dump(mode="json", exclude=_LLM_NOT_FINGERPRINTED),
         "slm": slm.model_dump(mode="json"),
         "loop": loop.model_dump(mode="json"),
     }
