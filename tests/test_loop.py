@@ -65,17 +65,17 @@ def slice_(data_dir):
     return task, items, test
 
 
-def run(task, items, test, inner, cache, run_dir, **kw):  # type: ignore[no-untyped-def]
+def run(task, inner, cache, run_dir, loop=LOOP, **kw):  # type: ignore[no-untyped-def]
     annotator = CachedAnnotator(inner, CallCache(cache))
-    loop = FreeAL(task, slm=SLM, loop=LOOP, run_dir=run_dir, annotator=annotator, progress=False, **kw)
-    return loop, annotator
+    runner = FreeAL(task, slm=SLM, loop=loop, run_dir=run_dir, annotator=annotator, progress=False, **kw)
+    return runner, annotator
 
 
 @pytest.fixture(scope="module")
 def finished(slice_, smollm2, tmp_path_factory):
     task, items, test = slice_
     base = tmp_path_factory.mktemp("loop")
-    loop, annotator = run(task, items, test, smollm2, base / "cache.sqlite", base / "run")
+    loop, annotator = run(task, smollm2, base / "cache.sqlite", base / "run")
     frame = loop.fit(items, test=test)
     return loop, annotator, frame
 
@@ -128,7 +128,7 @@ def test_report_is_written_as_table_and_html(finished):
 def test_a_finished_run_is_returned_without_any_llm_call(finished, slice_, smollm2):
     loop, _, frame = finished
     task, items, test = slice_
-    again, annotator = run(task, items, test, smollm2, loop.run_dir.parent / "cache.sqlite", loop.run_dir)
+    again, annotator = run(task, smollm2, loop.run_dir.parent / "cache.sqlite", loop.run_dir)
     pd.testing.assert_frame_equal(again.fit(items, test=test), frame)
     assert annotator.ledger.calls == 0 and annotator.ledger.cache_hits == 0
 
@@ -154,14 +154,14 @@ def test_killed_run_resumes_without_repeating_llm_calls(step, finished, slice_, 
             if message == f"step {step}":
                 raise KeyboardInterrupt("killed")
 
-        first, killed = run(task, items, test, smollm2, cache, run_dir, say=say)
+        first, killed = run(task, smollm2, cache, run_dir, say=say)
     else:
         halfway = _calls_before(loop.report_, step) + 2
-        first, killed = run(task, items, test, Killer(smollm2, halfway), cache, run_dir)
+        first, killed = run(task, Killer(smollm2, halfway), cache, run_dir)
     with pytest.raises(KeyboardInterrupt):
         first.fit(items, test=test)
     assert not (run_dir / "labels.jsonl").exists()
-    resumed, again = run(task, items, test, smollm2, cache, run_dir)
+    resumed, again = run(task, smollm2, cache, run_dir)
     result = resumed.fit(items, test=test)
     assert killed.ledger.calls + again.ledger.calls == full.ledger.calls
     assert killed.ledger.calls > 0
@@ -182,23 +182,9 @@ def test_lists_and_dataframes_are_accepted(slice_, smollm2, tmp_path):
     task, items, _ = slice_
     loop_cfg = LOOP.model_copy(update={"refinery_rounds": 0})
     texts = items.texts[:16]
-    a = FreeAL(
-        task,
-        slm=SLM,
-        loop=loop_cfg,
-        run_dir=tmp_path / "a",
-        progress=False,
-        annotator=CachedAnnotator(smollm2, CallCache(tmp_path / "c.sqlite")),
-    )
+    a, _ = run(task, smollm2, tmp_path / "c.sqlite", tmp_path / "a", loop=loop_cfg)
     from_list = a.fit(texts)
-    b = FreeAL(
-        task,
-        slm=SLM,
-        loop=loop_cfg,
-        run_dir=tmp_path / "b",
-        progress=False,
-        annotator=CachedAnnotator(smollm2, CallCache(tmp_path / "c.sqlite")),
-    )
+    b, _ = run(task, smollm2, tmp_path / "c.sqlite", tmp_path / "b", loop=loop_cfg)
     from_frame = b.fit(pd.DataFrame({"id": [f"t{i}" for i in range(16)], "text": texts}))
     assert from_list["label"].tolist() == from_frame["label"].tolist()
     assert from_list["id"].tolist() == [str(i) for i in range(16)]
