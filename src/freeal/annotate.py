@@ -63,15 +63,11 @@ def progress_bar(iterable: Iterable[T], total: int, description: str, enabled: b
 def content_free_offsets(task: Task, annotator: CachedAnnotator) -> list[float]:
     """Mean normalized log-score of each label on inputs that carry no content (contextual calibration).
 
-    Subtracting it removes the model's prior preference for some labels (Zhao et al., 2021).
+    Subtracting it removes the model's prior preference for some labels (Zhao et al., 2021). This is
+    :func:`label_groups`' per-group calibration for one group without demonstrations or texts.
     """
-    prompts = [classification_prompt(task, text) for text in CONTENT_FREE_INPUTS]
-    rows = [
-        log_softmax(ans.scores) for _, ans in annotator.score_many(prompts, task.label_names) if ans.scores
-    ]
-    if not rows:
-        return [0.0] * len(task.labels)
-    return np.mean(np.asarray(rows), axis=0).tolist()
+    frame = label_groups(task, [], annotator, [((), ())], calibrate="on", progress=False)
+    return frame.attrs["group_offsets"][0] or [0.0] * len(task.labels)
 
 
 def decide(

@@ -163,6 +163,10 @@ def _is_copy(norm: str, shown: Sequence[str]) -> bool:
     )
 
 
+def _per_label(demos: Sequence[tuple[str, str]], task: Task) -> dict[str, int]:
+    return {label: sum(1 for _, lab in demos if lab == label) for label in task.label_names}
+
+
 def parse_generated(answer: str) -> list[str]:
     """The texts of a numbered (or bulleted) list, unquoted; lines that are not list entries dropped."""
     texts = []
@@ -250,8 +254,7 @@ def generate_demonstrations(
                 f"the LLM wrote no usable demonstration for label {label!r} in {budget} calls; "
                 "describe the label more concretely in the task, or use a stronger model"
             )
-    per = {label: sum(1 for _, lab in kept if lab == label) for label in task.label_names}
-    return kept, GenerationReport(calls, written, len(kept), copies, duplicates, per)
+    return kept, GenerationReport(calls, written, len(kept), copies, duplicates, _per_label(kept, task))
 
 
 def verify_demonstrations(
@@ -285,7 +288,7 @@ def verify_demonstrations(
             ranked = sorted(mine, key=lambda i: -(frame["probs"][i] or {}).get(label, 0.0))
             keep.update([i for i in ranked if i not in keep][: min_per_label - len(agreed)])
     kept = [d for i, d in enumerate(demos) if i in keep]
-    return kept, {label: sum(1 for _, lab in kept if lab == label) for label in task.label_names}
+    return kept, _per_label(kept, task)
 
 
 # -- who sees which demonstrations ----------------------------------------------------------------
