@@ -6,6 +6,7 @@ on a test slice, LLM calls, tokens and time. A fresh LLM cache per run, so every
 timing honest. Run alone: llama.cpp on 2 cores slows badly beside other work.
 
     python bench/loop.py --datasets sst2 mr trec --limit 500
+    python bench/loop.py --datasets bc5cdr --limit 300   # NER: entity F1 instead of accuracy
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from freeal.config import LLMConfig, LoopConfig, SLMConfig
-from freeal.data import read_items
+from freeal.data import read_items, read_sentences
 from freeal.loop import FreeAL
 from freeal.tasks import load_task
 
@@ -31,8 +32,9 @@ def run_one(
     dataset: str, limit: int, test_limit: int, seed: int, overrides: dict, tag: str, keep: Path | None
 ) -> dict:
     task = load_task(DATA / dataset)
-    items = read_items(DATA / dataset / "train.jsonl", task=task, limit=limit, seed=seed)
-    test = read_items(DATA / dataset / "test.jsonl", task=task, limit=test_limit, seed=seed)
+    read = read_sentences if task.kind == "ner" else read_items
+    items = read(DATA / dataset / "train.jsonl", task=task, limit=limit, seed=seed)
+    test = read(DATA / dataset / "test.jsonl", task=task, limit=test_limit, seed=seed)
     scratch = Path(tempfile.mkdtemp(prefix=f"freeal-bench-{dataset}-"))
     run_dir = keep / f"{dataset}_{limit}_{tag}" if keep else scratch / "run"
     llm = LLMConfig(cache_path=(keep / "cache.sqlite") if keep else scratch / "cache.sqlite")

@@ -91,6 +91,40 @@ def loop(name: str) -> None:
     print("|" + "---|" * len(HEADER))
     for row in rows(report):
         print("| " + " | ".join(row) + " |")
+    if "per_type" in ((report["rounds"][0]["llm"].get("metrics")) or {}):
+        ner_types(report)
+
+
+def _prf(m: dict | None, kind: str | None = None) -> str:
+    if not m or not m.get("n"):
+        return "–"
+    if kind is None:
+        return f"{m['precision']:.3f} / {m['recall']:.3f} / **{m['f1']:.3f}**"
+    t = m["per_type"].get(kind)
+    return f"{t['precision']:.3f} / {t['recall']:.3f} / {t['f1-score']:.3f}" if t else "–"
+
+
+def ner_types(report: dict) -> None:
+    """NER: entity-level precision / recall / F1 per stage, overall and per type."""
+    first = report["rounds"][0]["llm"]["metrics"]
+    kinds = sorted(first["per_type"])
+    print()
+    per_type = " | ".join(f"{k} P / R / F1" for k in kinds)
+    print(f"| stage | labels P / R / F1 | {per_type} | SLM test F1 |")
+    print("|" + "---|" * (len(kinds) + 3))
+    stages = [("zero-shot", report.get("zero_shot"), None)] if report.get("zero_shot") else []
+    stages += [
+        ("initial round" if rd["round"] == 0 else f"refinery {rd['round']}", rd["llm"], rd["slm"])
+        for rd in report["rounds"]
+    ]
+    for name, llm, slm_step in stages:
+        m = llm.get("metrics")
+        test = ((slm_step or {}).get("inductive") or {}).get("f1")
+        print(
+            f"| {name} | {_prf(m)} | "
+            + " | ".join(_prf(m, k) for k in kinds)
+            + f" | {'–' if test is None else f'{test:.3f}'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -159,7 +159,10 @@ def train(
         bool, typer.Option("--robust/--plain", help="Robust self-training or plain CE.")
     ] = True,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
-    backbone: Annotated[str | None, typer.Option(help="Encoder folder (default: shipped MiniLM).")] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(help="Encoder: all-minilm-l6-v2 (default), all-mpnet-base-v2, or a local folder."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     clean_fraction: Annotated[float, typer.Option(help="Per-class share of items for the clean set.")] = 0.2,
     pool_size: Annotated[int, typer.Option(help="Demonstration pool size (balanced over classes).")] = 100,
@@ -296,7 +299,7 @@ def run(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Run the FreeAL loop (or resume it in its run folder); print the per-round report."""
-    from freeal.data import read_items
+    from freeal.data import read_items, read_sentences
     from freeal.loop import FreeAL
     from freeal.report import table
     from freeal.tasks import load_task, task_from_dict
@@ -305,6 +308,9 @@ def run(
     the_task = load_task(cfg.task) if isinstance(cfg.task, Path) else task_from_dict(cfg.task, str(config))
 
     def read(d: DataConfig):  # type: ignore[no-untyped-def]
+        if the_task.kind == "ner":  # tokens + tags (label_col names the tags field), or text
+            tags_key = "tags" if d.label_col == "label" else d.label_col
+            return read_sentences(d.path, task=the_task, tags_key=tags_key, limit=d.limit, seed=d.seed)
         return read_items(
             d.path,
             text_col=d.text_col,
@@ -322,7 +328,8 @@ def run(
     loop = FreeAL(
         the_task, cfg.llm, cfg.slm, cfg.loop, run_dir=out or cfg.out, progress=not quiet, say=console.print
     )
-    console.print(f"{len(items)} texts from {items.source}; run folder {loop.run_dir}")
+    unit = "sentences" if the_task.kind == "ner" else "texts"
+    console.print(f"{len(items)} {unit} from {items.source}; run folder {loop.run_dir}")
     try:
         loop.fit(items, test=test)
     except KeyboardInterrupt:

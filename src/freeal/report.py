@@ -58,8 +58,16 @@ def collect(run_dir: str | Path) -> dict:
     }
 
 
+def score(metrics: dict | None) -> float | None:
+    """The headline number of a metrics dict: accuracy (classification) or entity F1 (NER)."""
+    if not metrics or not metrics.get("n"):
+        return None
+    return metrics.get("accuracy", metrics.get("f1"))
+
+
 def _acc(report: dict | None) -> str:
-    return f"{report['accuracy']:.3f}" if report and report.get("n") else "–"
+    value = score(report)
+    return f"{value:.3f}" if value is not None else "–"
 
 
 def _pct(x: float | None) -> str:
@@ -134,13 +142,14 @@ def rows(report: dict) -> list[list[str]]:
 
 HEADER = [
     "stage", "asked", "changed", "noisy", "LLM calls", "tokens eval./prompt",
-    "LLM s", "SLM s", "labels acc.", "SLM train", "SLM test", "clean prec.",
+    "LLM s", "SLM s", "labels acc./F1", "SLM train", "SLM test", "clean prec.",
 ]  # fmt: skip
 CAPTION = (
     "asked: texts the LLM labeled; changed: labels changed by the round; noisy: share the SLM flagged "
-    "noisy; tokens: prompt tokens the model evaluated / sent; labels acc.: the labels against gold; "
-    "SLM train / test: the SLM's accuracy on the labeled texts / the test set; clean prec.: share of "
-    "clean-flagged labels that are right"
+    "noisy; tokens: prompt tokens the model evaluated / sent; labels acc./F1: the labels against gold "
+    "(accuracy; entity-level F1 for NER); SLM train / test: the same for the SLM's predictions on the "
+    "labeled texts / the test set; clean prec.: share of clean-flagged labels that are right (NER: "
+    "sentences whose tags are all right)"
 )
 
 
@@ -170,11 +179,9 @@ def _plots(report: dict) -> list[tuple[str, str]]:
     xs = [rd["round"] for rd in rounds]
     plots = []
     series = {
-        "LLM labels": [(rd["llm"].get("metrics") or {}).get("accuracy") for rd in rounds],
-        "SLM on the train texts": [
-            ((rd["slm"] or {}).get("transductive") or {}).get("accuracy") for rd in rounds
-        ],
-        "SLM on the test set": [((rd["slm"] or {}).get("inductive") or {}).get("accuracy") for rd in rounds],
+        "LLM labels": [score(rd["llm"].get("metrics")) for rd in rounds],
+        "SLM on the train texts": [score((rd["slm"] or {}).get("transductive")) for rd in rounds],
+        "SLM on the test set": [score((rd["slm"] or {}).get("inductive")) for rd in rounds],
     }
     if any(v is not None for vals in series.values() for v in vals):
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -183,10 +190,10 @@ def _plots(report: dict) -> list[tuple[str, str]]:
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         zs = (report.get("zero_shot") or {}).get("metrics")
-        if zs and zs.get("n"):
-            ax.axhline(zs["accuracy"], color="grey", linestyle="--", label="zero-shot labels")
+        if score(zs) is not None:
+            ax.axhline(score(zs), color="grey", linestyle="--", label="zero-shot labels")
         ax.set_xlabel("round (0 = initial)")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("entity F1" if "f1" in (rounds[0]["llm"].get("metrics") or {}) else "accuracy")
         ax.set_xticks(xs)
         ax.legend()
         plots.append(("Accuracy per round", _png(fig)))
@@ -205,7 +212,7 @@ def _plots(report: dict) -> list[tuple[str, str]]:
     plt.close(fig)
     for rd in rounds:
         metrics = rd["llm"].get("metrics")
-        if not metrics or not metrics.get("n"):
+        if not metrics or not metrics.get("n") or "confusion" not in metrics:
             continue
         fig, ax = plt.subplots(figsize=(4, 3.5))
         ax.imshow(metrics["confusion"], cmap="Blues")

@@ -66,6 +66,7 @@ class Annotator(Protocol):
     """
 
     identity: str
+    supports_grammar: bool
 
     def score_many(
         self, prompts: Sequence[list[Message]], labels: Sequence[str]
@@ -74,9 +75,18 @@ class Annotator(Protocol):
         ...
 
     def generate_many(
-        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
+        self,
+        prompts: Sequence[list[Message]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        grammars: Sequence[str] | None = None,
     ) -> Iterator[tuple[int, Generation]]:
-        """Write a free-text answer to every prompt (sampled under ``seed``); yield ``(index, answer)``."""
+        """Write a free-text answer to every prompt (sampled under ``seed``); yield ``(index, answer)``.
+
+        ``grammars`` (one GBNF grammar per prompt) constrain the answers; only backends whose
+        ``supports_grammar`` is true accept them."""
         ...
 
 

@@ -110,6 +110,7 @@ class CachedAnnotator:
         self.cache = cache
         self.mode = mode
         self.identity = inner.identity
+        self.supports_grammar = bool(getattr(inner, "supports_grammar", False))
         self.ledger = Ledger()
 
     def score_many(
@@ -117,32 +118,43 @@ class CachedAnnotator:
     ) -> Iterator[tuple[int, LabelScores]]:
         keys = [cache_key(self.identity, self.mode, p, labels) for p in prompts]
         hits = {k: LabelScores.from_json(v) for k, v in self.cache.get_many(keys).items()}
-        yield from self._through_cache(prompts, keys, hits, lambda todo: self.inner.score_many(todo, labels))
+        yield from self._through_cache(
+            keys, hits, lambda todo: self.inner.score_many([prompts[i] for i in todo], labels)
+        )
 
     def generate_many(
-        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
+        self,
+        prompts: Sequence[list[Message]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        grammars: Sequence[str] | None = None,
     ) -> Iterator[tuple[int, Generation]]:
-        """Free-text answers through the cache (keyed also by the sampling settings)."""
+        """Free-text answers through the cache (keyed also by the sampling settings and grammar)."""
         mode = f"generate:max_tokens={max_tokens},t={temperature:g},seed={seed}"
-        keys = [cache_key(self.identity, mode, p) for p in prompts]
+        keys = [
+            cache_key(self.identity, mode if grammars is None else f"{mode},grammar={grammars[i]}", p)
+            for i, p in enumerate(prompts)
+        ]
         hits = {k: Generation.from_json(v) for k, v in self.cache.get_many(keys).items()}
         yield from self._through_cache(
-            prompts,
             keys,
             hits,
             lambda todo: self.inner.generate_many(
-                todo, max_tokens=max_tokens, temperature=temperature, seed=seed
+                [prompts[i] for i in todo],
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=seed,
+                **({} if grammars is None else {"grammars": [grammars[i] for i in todo]}),
             ),
         )
 
     def _through_cache(
-        self,
-        prompts: Sequence[list[Message]],
-        keys: list[str],
-        hits: dict[str, A],
-        ask: Callable[[list[list[Message]]], Iterable[tuple[int, A]]],
+        self, keys: list[str], hits: dict[str, A], ask: Callable[[list[int]], Iterable[tuple[int, A]]]
     ) -> Iterator[tuple[int, A]]:
-        """Yield cached answers, then ask ``ask`` for the rest, storing each answer as it arrives."""
+        """Yield cached answers, then ask ``ask`` for the rest (given their positions; it yields
+        positions in that list), storing each answer as it arrives."""
         missing: list[int] = []
         for i, key in enumerate(keys):
             if key in hits:
@@ -155,7 +167,7 @@ class CachedAnnotator:
         for i in missing:
             copies.setdefault(keys[i], []).append(i)
         todo = [group[0] for group in copies.values()]
-        for j, answer in ask([prompts[i] for i in todo]):
+        for j, answer in ask(todo):
             first, *rest = copies[keys[todo[j]]]
             self.cache.put(keys[first], answer)
             self.ledger.add(answer, cached=False)

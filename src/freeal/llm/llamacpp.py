@@ -72,6 +72,7 @@ class LlamaCppAnnotator:
         )
         self._n_vocab = self.llm.n_vocab()
         self.identity = f"llamacpp:{name or path.name}"
+        self.supports_grammar = True
         self._label_tokens: dict[str, list[int]] = {}
 
     def _token_text(self, token: int) -> str:
@@ -141,16 +142,29 @@ class LlamaCppAnnotator:
             yield i, self.score(messages, labels)
 
     def generate_many(
-        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
+        self,
+        prompts: Sequence[list[Message]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        grammars: Sequence[str] | None = None,
     ) -> Iterator[tuple[int, Generation]]:
         """Sampled chat answers under the model's own chat template; the same prompt and seed give the
-        same answer, so a resumed run that lost its cache would write the same demonstrations."""
+        same answer, so a resumed run that lost its cache would write the same demonstrations.
+        With ``grammars``, llama.cpp samples only tokens the prompt's grammar allows."""
         for i, messages in enumerate(prompts):
+            grammar = (
+                llama_cpp.LlamaGrammar.from_string(grammars[i], verbose=False)
+                if grammars is not None
+                else None
+            )
             out = self.llm.create_chat_completion(
                 messages=list(messages),  # type: ignore[arg-type]
                 max_tokens=max_tokens,
                 temperature=temperature,
                 seed=seed,
+                grammar=grammar,
             )
             usage = out.get("usage") or {}  # type: ignore[union-attr]
             yield (

@@ -427,6 +427,7 @@ class OpenAICompatAnnotator:
         ) + f",t={self.temperature:g},max_tokens={max_tokens}"
         urls = ",".join(sorted({_clean_url(ep.base_url) for ep in self._endpoints}))
         self.identity = f"openai:{model}@{urls}:{mode}"
+        self.supports_grammar = False
 
     @property
     def base_urls(self) -> list[str]:
@@ -462,9 +463,18 @@ class OpenAICompatAnnotator:
         return self._stream(prompts, labels, None)
 
     def generate_many(
-        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
+        self,
+        prompts: Sequence[list[Message]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        grammars: Sequence[str] | None = None,
     ) -> Iterator[tuple[int, Generation]]:
-        """Free-text answers (sampled, no logprobs), with the same transport, limits and retries."""
+        """Free-text answers (sampled, no logprobs), with the same transport, limits and retries.
+        Grammars are a llama.cpp feature: callers ask servers for JSON and parse it instead."""
+        if grammars is not None:
+            raise FreeALError("OpenAI-compatible annotator: grammar-constrained answers are not supported")
         sampling = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
         return self._stream([list(p) for p in prompts], [], sampling)
 

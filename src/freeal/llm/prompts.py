@@ -59,3 +59,61 @@ def generation_prompt(task: Task, label: str, style_texts: Sequence[str], n: int
             ),
         },
     ]
+
+
+# -- named-entity recognition ----------------------------------------------------------------------
+
+
+def ner_system_prompt(task: Task, json_output: bool = False) -> str:
+    type_lines = "\n".join(f"- {name}: {desc}" for name, desc in task.labels.items())
+    answer = (
+        'Answer with a JSON list of objects {"type": ..., "text": ...}, one per mention, '
+        "the text copied exactly from the sentence; [] when there is none. Nothing else."
+        if json_output
+        else "Answer with one mention per line as 'Type: mention', copying the mention exactly from "
+        "the sentence, then a line 'END'. Write only 'END' when there is none."
+    )
+    return (
+        f"You are an expert annotator. Task: {task.description}\n"
+        f"Entity types:\n{type_lines}\n"
+        f"List every entity mention of these types in the sentence. {answer}"
+    )
+
+
+def ner_prompt(
+    task: Task, sentence: str, demonstrations: Sequence[tuple[str, str]] = (), json_output: bool = False
+) -> list[Message]:
+    """Chat messages asking for the entities of ``sentence``; ``demonstrations`` are
+    ``(sentence, answer)`` pairs with the answer written in the requested format, given as earlier
+    turns of the chat (small chat models follow answered turns better than examples inlined in one
+    message: with inlined examples the 1.5B model answered ``END`` for most sentences)."""
+    turns: list[Message] = []
+    for demo_sentence, answer in demonstrations:
+        turns.append({"role": "user", "content": f"Sentence: {demo_sentence}"})
+        turns.append({"role": "assistant", "content": answer})
+    return [
+        {"role": "system", "content": ner_system_prompt(task, json_output)},
+        *turns,
+        {"role": "user", "content": f"Sentence: {sentence}"},
+    ]
+
+
+def ner_generation_prompt(task: Task, focus: str, style_texts: Sequence[str], n: int) -> list[Message]:
+    """Ask for ``n`` new sentences mentioning entities of type ``focus`` (others allowed), each with
+    its entity list, in the style of a few unlabeled sentences of the data set."""
+    type_lines = "\n".join(f"- {name}: {desc}" for name, desc in task.labels.items())
+    examples = "\n".join(f"- {t}" for t in style_texts)
+    return [
+        {"role": "system", "content": "You write realistic example data for an entity annotation task."},
+        {
+            "role": "user",
+            "content": (
+                f"Task: {task.description}\nEntity types:\n{type_lines}\n\n"
+                f"Unlabeled sentences from the data set, to show the style:\n{examples}\n\n"
+                f"Write {n} new, different sentences in the same style, each mentioning at least one "
+                f"{focus} entity. After each sentence list all its entity mentions, one per line as "
+                "'<entity type>: <mention copied exactly from the sentence>', then a line 'END'. "
+                f"Layout:\nSentence: <sentence>\n{focus}: <mention>\nEND"
+            ),
+        },
+    ]

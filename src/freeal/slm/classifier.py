@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from freeal.config import SLMConfig
 from freeal.data import write_text_atomic
-from freeal.embed import Embedder, minilm_path, torch_device
+from freeal.embed import Embedder, encoder_path, torch_device
 from freeal.errors import FreeALError
 from freeal.slm.augment import make_views
 from freeal.slm.noise import split_clean
@@ -84,7 +84,7 @@ class SLMClassifier:
         self.labels = list(labels)
         self.config = (config or SLMConfig()).model_copy(update=overrides)
         self.device = torch_device(self.config.device)
-        self.backbone = self.config.backbone or minilm_path()
+        self.backbone = encoder_path(self.config.backbone)
         self.epoch_log: list[dict] = []
 
     # -- inputs ---------------------------------------------------------------------------------

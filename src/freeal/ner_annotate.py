@@ -1,0 +1,247 @@
+"""The LLM's side of NER: entity lists for sentences, and demonstration sentences it writes itself.
+
+Prompts are grouped like classification prompts (a group shares its demonstrations, so llama.cpp
+evaluates them once per group). On llama.cpp each answer is constrained by the sentence's grammar
+(:func:`freeal.ner.answer_grammar`) and always parses; on other backends the answer is JSON, parsed
+strictly, and asked again once with the parse error when it does not parse.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from freeal.annotate import progress_bar
+from freeal.demos import _is_copy, _normal
+from freeal.errors import FreeALError
+from freeal.llm.base import Generation, Message
+from freeal.llm.cache import CachedAnnotator
+from freeal.llm.prompts import ner_generation_prompt, ner_prompt
+from freeal.ner import (
+    END,
+    Span,
+    align,
+    answer_grammar,
+    demo_grammar,
+    format_answer,
+    parse_json,
+    parse_lines,
+    render,
+    tokenize,
+)
+from freeal.tasks import Task
+
+#: A demonstration: a sentence's tokens and its entity spans.
+Demo = tuple[list[str], list[Span]]
+
+
+def _demo_pairs(demos: Sequence[Demo], json_output: bool) -> list[tuple[str, str]]:
+    pairs = []
+    for tokens, spans in demos:
+        if json_output:
+            answer = str([{"type": k, "text": render(tokens[s:e])} for k, s, e in spans]).replace("'", '"')
+        else:
+            answer = format_answer(tokens, spans)
+        pairs.append((render(tokens), answer))
+    return pairs
+
+
+@dataclass
+class SpanAnswers:
+    """Per sentence: its spans (``None`` where no answer could be read), and what was dropped."""
+
+    spans: list[list[Span] | None]
+    mentions: int = 0
+    unaligned: int = 0
+    unreadable: int = 0
+    reasked: int = 0
+
+    def stats(self) -> dict:
+        out = asdict(self)
+        del out["spans"]
+        return out
+
+
+def annotate_sentences(
+    task: Task,
+    sentences: Sequence[Sequence[str]],
+    annotator: CachedAnnotator,
+    groups: Sequence[tuple[np.ndarray, Sequence[Demo]]],
+    *,
+    max_mention_tokens: int = 8,
+    max_tokens: int = 160,
+    progress: bool = True,
+    description: str = "entities",
+) -> SpanAnswers:
+    """Entities of every sentence named in ``groups`` (others get ``None``), each group's sentences
+    prompted with that group's demonstrations."""
+    grammar = annotator.supports_grammar
+    order = [int(i) for members, _ in groups for i in members]
+    prompts: list[list[Message]] = []
+    for members, demos in groups:
+        pairs = _demo_pairs(demos, json_output=not grammar)
+        prompts.extend(
+            ner_prompt(task, render(sentences[int(i)]), pairs, json_output=not grammar) for i in members
+        )
+    out = SpanAnswers(spans=[None] * len(sentences))
+    answers: dict[int, Generation] = {}
+    grammars = (
+        [answer_grammar(sentences[i], task.label_names, max_mention_tokens) for i in order]
+        if grammar
+        else None
+    )
+    stream = annotator.generate_many(
+        prompts, max_tokens=max_tokens, temperature=0.0, seed=0, grammars=grammars
+    )
+    for j, answer in progress_bar(stream, len(prompts), description, progress):
+        answers[j] = answer
+    retry: list[tuple[int, str]] = []
+    for j, answer in answers.items():
+        try:
+            mentions = (parse_lines if grammar else parse_json)(answer.text, task.label_names)
+        except ValueError as exc:
+            retry.append((j, str(exc)))
+            continue
+        _store(out, order[j], mentions, sentences[order[j]])
+    if retry:  # one re-ask, with the reason the first answer could not be read
+        again = [
+            [
+                *prompts[j],
+                {"role": "assistant", "content": answers[j].text},
+                {
+                    "role": "user",
+                    "content": f"That answer could not be read: {why}. Answer again with only the JSON list.",
+                },
+            ]
+            for j, why in retry
+        ]
+        out.reasked = len(again)
+        for k, answer in annotator.generate_many(again, max_tokens=max_tokens, temperature=0.0, seed=0):
+            try:
+                mentions = parse_json(answer.text, task.label_names)
+            except ValueError:
+                out.unreadable += 1
+                continue
+            _store(out, order[retry[k][0]], mentions, sentences[order[retry[k][0]]])
+    return out
+
+
+def _store(out: SpanAnswers, i: int, mentions: list[tuple[str, str]], tokens: Sequence[str]) -> None:
+    spans, missed = align(tokens, mentions)
+    out.spans[i] = spans
+    out.mentions += len(mentions)
+    out.unaligned += missed
+
+
+@dataclass
+class DemoReport:
+    """What demonstration writing produced and dropped (duplicates, copies, unreadable blocks)."""
+
+    calls: int = 0
+    written: int = 0
+    kept: int = 0
+    unreadable: int = 0
+    unaligned: int = 0
+    copies: int = 0
+    duplicates: int = 0
+    per_type: dict[str, int] = field(default_factory=dict)
+
+
+def parse_demo_blocks(answer: str, types: Sequence[str]) -> tuple[list[Demo], int, int]:
+    """``Sentence: ...`` blocks with their ``Type: mention`` lines; returns (demonstrations,
+    unreadable blocks, blocks with a mention not in the sentence). A block is kept only when every
+    line parses and every mention aligns, so a written demonstration never carries a guessed span."""
+    demos: list[Demo] = []
+    unreadable = unaligned = 0
+    blocks = [b for b in answer.split("Sentence:")[1:] if b.strip()]
+    for block in blocks:
+        first, _, rest = block.strip().partition("\n")
+        tokens = tokenize(first.strip().lstrip("0123456789.) "))
+        body = rest.split(END)[0]
+        try:
+            mentions = parse_lines(body, types)
+        except ValueError:
+            unreadable += 1
+            continue
+        spans, missed = align(tokens, mentions)
+        if not tokens or missed or not spans:
+            unaligned += 1
+            continue
+        demos.append((tokens, spans))
+    return demos, unreadable, unaligned
+
+
+def generate_ner_demonstrations(
+    task: Task,
+    annotator: CachedAnnotator,
+    style_sentences: Sequence[Sequence[str]],
+    *,
+    per_type: int = 16,
+    per_call: int = 4,
+    style_examples: int = 3,
+    temperature: float = 0.8,
+    max_calls_per_type: int | None = None,
+    seed: int = 0,
+) -> tuple[list[Demo], DemoReport]:
+    """Sentences with entities, written by the LLM: about ``per_type`` mentioning each type.
+
+    Each call shows ``style_examples`` unlabeled sentences and asks for ``per_call`` sentences
+    mentioning one type; a kept sentence counts for every type it mentions. A type that ends with
+    no sentence is an error (the initial round would never show it).
+    """
+    if not style_sentences:
+        raise FreeALError("demonstration writing needs at least one unlabeled sentence to show as style")
+    rng = np.random.default_rng(seed)
+    budget = max_calls_per_type or 2 * math.ceil(per_type / per_call)
+    report = DemoReport(per_type=dict.fromkeys(task.label_names, 0))
+    kept: list[Demo] = []
+    seen: set[str] = set()
+    for kind in task.label_names:
+        for attempt in range(budget):
+            if report.per_type[kind] >= per_type:
+                break
+            pick = rng.choice(
+                len(style_sentences), size=min(style_examples, len(style_sentences)), replace=False
+            )
+            shown = [render(style_sentences[int(i)]) for i in pick]
+            prompt = ner_generation_prompt(task, kind, shown, per_call)
+            _, answer = next(
+                iter(
+                    annotator.generate_many(
+                        [prompt],
+                        max_tokens=100 * per_call,
+                        temperature=temperature,
+                        seed=seed + attempt,
+                        grammars=[demo_grammar(task.label_names, per_call)]
+                        if annotator.supports_grammar
+                        else None,
+                    )
+                )
+            )
+            report.calls += 1
+            demos, unreadable, unaligned = parse_demo_blocks(answer.text, task.label_names)
+            report.written += len(demos) + unreadable + unaligned
+            report.unreadable += unreadable
+            report.unaligned += unaligned
+            shown_norm = [_normal(t) for t in shown]
+            for tokens, spans in demos:
+                norm = _normal(render(tokens))
+                if _is_copy(norm, shown_norm):
+                    report.copies += 1
+                elif norm in seen:
+                    report.duplicates += 1
+                else:
+                    seen.add(norm)
+                    kept.append((tokens, spans))
+                    for present in {k for k, _, _ in spans}:
+                        report.per_type[present] += 1
+        if report.per_type[kind] == 0:
+            raise FreeALError(
+                f"the LLM wrote no usable demonstration sentence for entity type {kind!r} in {budget} "
+                "calls; describe the type more concretely in the task, or use a stronger model"
+            )
+    report.kept = len(kept)
+    return kept, report

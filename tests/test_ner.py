@@ -1,0 +1,358 @@
+"""NER: tags and spans, span alignment, strict answers (grammar on llama.cpp, JSON with one re-ask
+elsewhere), written demonstrations, the token tagger on real BC5CDR slices, and the loop end to end
+with resume and the CLI (SmolLM2-135M: plumbing, not quality; quality is in bench/loop.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from freeal.config import LoopConfig, SLMConfig
+from freeal.data import read_jsonl, read_sentences
+from freeal.errors import FreeALError
+from freeal.llm.base import Generation, Message
+from freeal.llm.cache import CachedAnnotator, CallCache
+from freeal.llm.openai_compat import OpenAICompatAnnotator
+from freeal.loop import FreeAL
+from freeal.metrics import ner_report
+from freeal.ner import (
+    align,
+    answer_grammar,
+    check_tags,
+    parse_json,
+    parse_lines,
+    spans_from_tags,
+    tags_from_spans,
+    tokenize,
+)
+from freeal.ner_annotate import annotate_sentences, generate_ner_demonstrations, parse_demo_blocks
+from freeal.ner_loop import FreeALNER, merge_spans
+from freeal.slm.tagger import SLMTagger
+from freeal.tasks import load_task, task_from_dict
+from openai_server import FakeOpenAIServer
+
+TYPES = ["Chemical", "Disease"]
+TASK = task_from_dict(
+    {
+        "name": "cd",
+        "kind": "ner",
+        "description": "Chemical and disease mentions.",
+        "labels": {"Chemical": "a drug", "Disease": "a disease"},
+    }
+)
+
+
+def test_tokenizer_splits_words_and_punctuation():
+    assert tokenize("L-dopa (5 mg) didn't help.") == [
+        "L",
+        "-",
+        "dopa",
+        "(",
+        "5",
+        "mg",
+        ")",
+        "didn",
+        "'",
+        "t",
+        "help",
+        ".",
+    ]
+
+
+def test_tags_and_spans_round_trip_on_real_sentences(data_dir):
+    task = load_task(data_dir / "bc5cdr")
+    sentences = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=200, seed=0)
+    assert sentences.gold is not None
+    for tokens, tags in zip(sentences.tokens, sentences.gold, strict=True):
+        assert tags_from_spans(len(tokens), spans_from_tags(tags)) == tags
+    assert sum(len(spans_from_tags(t)) for t in sentences.gold) > 200
+
+
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        (["O", "I-Disease"], "token 2: 'I-Disease' does not continue a Disease entity"),
+        (["B-Disease", "I-Chemical"], "does not continue a Chemical entity"),
+        (["B-Gene"], "unknown entity type 'Gene'"),
+        (["X-Chemical"], "not IOB2"),
+    ],
+)
+def test_bad_tags_are_named(tags, message):
+    with pytest.raises(FreeALError, match=message):
+        check_tags(tags, TYPES, "data.jsonl: row 3")
+
+
+def test_alignment_finds_every_occurrence_and_drops_what_is_not_there():
+    tokens = tokenize("L-dopa and L-dopa worsened Parkinson's disease; LEVODOPA too")
+    spans, unaligned = align(
+        tokens,
+        [
+            ("Chemical", "L-dopa"),  # punctuation, repeated: both occurrences
+            ("Disease", "Parkinson's disease"),  # multi-token, with an apostrophe
+            ("Chemical", "levodopa"),  # only case differs
+            ("Chemical", "aspirin"),  # not in the sentence: counted and dropped
+        ],
+    )
+    assert spans == [("Chemical", 0, 3), ("Chemical", 4, 7), ("Disease", 8, 12), ("Chemical", 13, 14)]
+    assert unaligned == 1
+    # overlapping answers: the longer mention wins, once
+    spans, _ = align(
+        tokens, [("Disease", "disease"), ("Disease", "Parkinson ' s disease"), ("Chemical", "dopa")]
+    )
+    assert ("Disease", 8, 12) in spans and ("Disease", 11, 12) not in spans
+    assert [s for s in spans if s[0] == "Chemical"] == [("Chemical", 2, 3), ("Chemical", 6, 7)]
+    assert merge_spans([("Chemical", 0, 3)], [("Chemical", 1, 2), ("Disease", 8, 12)]) == [
+        ("Chemical", 0, 3),
+        ("Disease", 8, 12),
+    ]
+
+
+def test_answers_parse_strictly():
+    assert parse_lines("Chemical: L - dopa\nDisease: pain\nEND\nChemical: ignored", TYPES) == [
+        ("Chemical", "L - dopa"),
+        ("Disease", "pain"),
+    ]
+    assert parse_lines("END", TYPES) == []
+    with pytest.raises(ValueError, match="Gene"):
+        parse_lines("Gene: BRCA1\nEND", TYPES)
+    assert parse_json('```json\n[{"type": "Disease", "text": "pain"}]\n```', TYPES) == [("Disease", "pain")]
+    assert parse_json('{"entities": []}', TYPES) == []
+    for bad in ("Chemical: x", '[{"type": "Gene", "text": "x"}]', '[{"type": "Disease"}]'):
+        with pytest.raises(ValueError):
+            parse_json(bad, TYPES)
+
+
+def test_sentences_read_from_jsonl_conll_raw_text_and_lists(tmp_path):
+    conll = tmp_path / "d.conll"
+    conll.write_text("-DOCSTART- O\n\nAspirin B-Chemical\nhelps O\n\nPain B-Disease\nfades O\n.\tO\n")
+    s = read_sentences(conll, task=TASK)
+    assert s.tokens == [["Aspirin", "helps"], ["Pain", "fades", "."]]
+    assert s.gold == [["B-Chemical", "O"], ["B-Disease", "O", "O"]]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text(json.dumps({"id": "a", "text": "L-dopa works."}) + "\n")
+    r = read_sentences(raw, task=TASK)
+    assert r.ids == ["a"] and r.tokens == [["L", "-", "dopa", "works", "."]] and r.gold is None
+    assert read_sentences(["Aspirin helps .", ["Pain", "fades"]]).tokens == [
+        ["Aspirin", "helps", "."],
+        ["Pain", "fades"],
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["O", "I-Disease"]}) + "\n")
+    with pytest.raises(FreeALError, match=r"bad.jsonl: row 1: token 2"):
+        read_sentences(bad, task=TASK)
+    bad.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["O"]}) + "\n")
+    with pytest.raises(FreeALError, match="row 1: 2 tokens"):
+        read_sentences(bad, task=TASK)
+
+
+@pytest.mark.slow
+def test_grammar_constrained_answers_always_parse_and_align(data_dir, smollm2, tmp_path):
+    task = load_task(data_dir / "bc5cdr")
+    s = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=12, seed=3)
+    ann = CachedAnnotator(smollm2, CallCache(tmp_path / "c.sqlite"))
+    out = annotate_sentences(task, s.tokens, ann, [(np.arange(12), [])], progress=False)
+    assert all(spans is not None for spans in out.spans)
+    assert out.unaligned == 0 and out.unreadable == 0 and out.reasked == 0
+    for tokens, spans in zip(s.tokens, out.spans, strict=True):
+        assert all(k in task.label_names and 0 <= a < b <= len(tokens) for k, a, b in spans)  # type: ignore[union-attr]
+    assert "mention ::=" in answer_grammar(s.tokens[0], task.label_names)
+    # the same call again is answered by the cache
+    before = ann.ledger.calls
+    annotate_sentences(task, s.tokens, ann, [(np.arange(12), [])], progress=False)
+    assert ann.ledger.calls == before
+
+
+def test_json_answers_get_one_reask_then_are_dropped(tmp_path):
+    def policy(users: list[str]) -> str:
+        if "could not be read" in users[-1] and "dopa" in users[0]:
+            return '[{"type": "Chemical", "text": "L-dopa"}, {"type": "Disease", "text": "gout"}]'
+        return "Chemical: L-dopa"  # not JSON
+
+    sentences = [["L", "-", "dopa", "helps", "."], ["Nothing", "here", "."]]
+    with FakeOpenAIServer(policy=policy, logprobs=False) as server:
+        ann = CachedAnnotator(
+            OpenAICompatAnnotator("m", server.url, backoff_base=0.01), CallCache(tmp_path / "c.sqlite")
+        )
+        out = annotate_sentences(TASK, sentences, ann, [(np.arange(2), [])], progress=False)
+        assert len(server.bodies) == 4  # two answers, two re-asks
+    assert out.spans == [[("Chemical", 0, 3)], None]
+    assert out.reasked == 2 and out.unreadable == 1 and out.unaligned == 1  # "gout" is not there
+
+
+class Scripted:
+    identity = "scripted"
+    supports_grammar = False
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+
+    def generate_many(
+        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
+    ) -> Iterator[tuple[int, Generation]]:
+        for i, _ in enumerate(prompts):
+            yield i, Generation(self.answers.pop(0), 10, 10)
+
+
+def test_written_demonstrations_keep_only_readable_aligned_new_sentences(tmp_path):
+    answers = [
+        "Sentence: Aspirin eased the gout.\nChemical: Aspirin\nDisease: gout\nEND\n"
+        "Sentence: Heparin was given.\nChemical: warfarin\nEND\n"  # mention not in the sentence
+        "Sentence: Pain was reported.\nSymptom: pain\nEND\n",  # unknown type
+        "Sentence: aspirin eased the gout .\nChemical: aspirin\nEND\n"  # duplicate
+        "Sentence: Cisplatin caused nephrotoxicity.\nChemical: Cisplatin\nEND\n",
+        "Sentence: Fever and rash followed.\nDisease: Fever\nDisease: rash\nEND\n",
+    ]
+    ann = CachedAnnotator(Scripted(answers), CallCache(tmp_path / "c.sqlite"))
+    demos, report = generate_ner_demonstrations(
+        TASK, ann, [["An", "example", "."]], per_type=2, per_call=2, max_calls_per_type=2
+    )
+    assert [" ".join(t) for t, _ in demos] == [
+        "Aspirin eased the gout .",
+        "Cisplatin caused nephrotoxicity .",
+        "Fever and rash followed .",
+    ]
+    assert demos[2][1] == [("Disease", 0, 1), ("Disease", 2, 3)]
+    assert report.unaligned == 1 and report.unreadable == 1 and report.duplicates == 1
+    assert report.per_type == {"Chemical": 2, "Disease": 2} and report.calls == 3
+    assert parse_demo_blocks("no blocks at all", TYPES) == ([], 0, 0)
+
+
+@pytest.fixture(scope="module")
+def bc5cdr(data_dir):
+    task = load_task(data_dir / "bc5cdr")
+    train = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=150, seed=0)
+    test = read_sentences(data_dir / "bc5cdr" / "test.jsonl", task=task, limit=100, seed=0)
+    return task, train, test
+
+
+def test_tagger_learns_a_real_slice_and_reloads(bc5cdr, tmp_path):
+    task, train, test = bc5cdr
+    cfg = SLMConfig(epochs=4, warmup_epochs=4, batch_size=16, device="cpu")
+    tagger = SLMTagger(task.label_names, cfg).fit(train.tokens, train.gold)
+    predicted = tagger.predict(test.tokens)
+    f1 = ner_report(test.gold, predicted)["f1"]
+    assert f1 > 0.3, f1  # an all-O tagger scores 0
+    tagger.save(tmp_path / "m")
+    assert SLMTagger.load(tmp_path / "m", device="cpu").predict(test.tokens[:5]) == predicted[:5]
+    with pytest.raises(FreeALError, match="sentence 1: 2 tokens but 1 tags"):
+        SLMTagger(task.label_names, cfg).fit([["a", "b"]], [["O"]])
+    with pytest.raises(FreeALError, match="no sentence has tags"):
+        SLMTagger(task.label_names, cfg).fit([["a", "b"]], [None])
+
+
+def test_sentence_split_separates_injected_noise(bc5cdr):
+    task, train, _ = bc5cdr
+    rng = np.random.default_rng(0)
+    noisy_tags = []
+    corrupted = np.zeros(len(train), dtype=bool)
+    for k, tags in enumerate(train.gold):  # type: ignore[arg-type]
+        spans = spans_from_tags(tags)
+        if spans and rng.random() < 0.4:  # drop the entities or swap their types, as an LLM might
+            corrupted[k] = True
+            spans = (
+                []
+                if rng.random() < 0.5
+                else [("Disease" if t == "Chemical" else "Chemical", a, b) for t, a, b in spans]
+            )
+        noisy_tags.append(tags_from_spans(len(tags), spans))
+    cfg = SLMConfig(epochs=5, warmup_epochs=2, batch_size=16, device="cpu")
+    tagger = SLMTagger(task.label_names, cfg).fit(train.tokens, noisy_tags)
+    clean_precision = float(np.mean(~corrupted[tagger.clean_mask_]))
+    assert tagger.clean_mask_.mean() > 0.2
+    assert clean_precision > float(np.mean(~corrupted)) + 0.1, (clean_precision, np.mean(~corrupted))
+
+
+SLM = SLMConfig(epochs=3, warmup_epochs=1, batch_size=16, device="cpu")
+LOOP = LoopConfig(initial_demos="none", k=4, group_size=8, refinery_rounds=1, min_change=0, pool_size=8)
+NER_STEPS = ["round-0/llm", "round-0/slm", "round-1/llm", "round-1/slm"]
+
+
+class Killer:
+    """Passes answers through, then raises KeyboardInterrupt after ``after`` new answers."""
+
+    def __init__(self, inner, after: int) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.after, self.identity = inner, after, inner.identity
+        self.supports_grammar = inner.supports_grammar
+
+    def generate_many(self, prompts, **kw):  # type: ignore[no-untyped-def]
+        for pair in self.inner.generate_many(prompts, **kw):
+            if self.after <= 0:
+                raise KeyboardInterrupt("killed")
+            self.after -= 1
+            yield pair
+
+
+def _run(task, inner, cache, run_dir):  # type: ignore[no-untyped-def]
+    annotator = CachedAnnotator(inner, CallCache(cache))
+    return FreeAL(task, slm=SLM, loop=LOOP, run_dir=run_dir, annotator=annotator, progress=False), annotator
+
+
+@pytest.mark.slow
+def test_ner_loop_runs_reports_and_resumes_after_a_kill(data_dir, smollm2, tmp_path):
+    task = load_task(data_dir / "bc5cdr")
+    train = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=16, seed=5)
+    test = read_sentences(data_dir / "bc5cdr" / "test.jsonl", task=task, limit=10, seed=5)
+    loop, full = _run(task, smollm2, tmp_path / "a.sqlite", tmp_path / "a")
+    assert isinstance(loop, FreeALNER)
+    frame = loop.fit(train, test=test)
+    for step in NER_STEPS:
+        assert (loop.run_dir / step / "step.json").is_file(), step
+    assert list(frame.columns) == [
+        "id", "tokens", "tags", "entities", "clean", "round_changed",
+        "slm_tags", "slm_confidence", "agreement",
+    ]  # fmt: skip
+    assert all(len(t) == len(k) for t, k in zip(frame["tokens"], frame["slm_tags"], strict=True))
+    report = loop.report_
+    assert (
+        report["rounds"][0]["llm"]["metrics"]["n"] == 16
+        and "per_type" in report["rounds"][0]["llm"]["metrics"]
+    )
+    assert report["rounds"][1]["slm"]["inductive"]["n"] == 10
+    page = (loop.run_dir / "report.html").read_text()
+    assert "refinery 1" in page and "entity F1" in page
+    after = pd.DataFrame(read_jsonl(loop.run_dir / "round-1/llm/labels.jsonl"))
+    slm = pd.DataFrame(read_jsonl(loop.run_dir / "round-0/slm/predictions.jsonl"))
+    pool = {p["index"] for p in read_jsonl(loop.run_dir / "round-0/slm/pool.jsonl")}
+    assert after["asked"].tolist() == [not c and i not in pool for i, c in enumerate(slm["clean"])]
+
+    # killed in the middle of the refinery round, then resumed: no LLM answer is paid twice
+    halfway = report["rounds"][0]["llm"]["llm_usage"]["calls"] + 2
+    first, killed = _run(task, Killer(smollm2, halfway), tmp_path / "b.sqlite", tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(train, test=test)
+    resumed, again = _run(task, smollm2, tmp_path / "b.sqlite", tmp_path / "b")
+    result = resumed.fit(train, test=test)
+    assert killed.ledger.calls + again.ledger.calls == full.ledger.calls
+    assert result["tags"].tolist() == frame["tags"].tolist()
+
+
+@pytest.mark.slow
+def test_run_command_on_an_ner_config(data_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"""
+task: {data_dir / "bc5cdr"}
+data: {{path: {data_dir / "bc5cdr" / "train.jsonl"}, limit: 12, seed: 1}}
+test: {{path: {data_dir / "bc5cdr" / "test.jsonl"}, limit: 8}}
+out: out
+llm: {{model: smollm2-135m, cache_path: cache.sqlite}}
+slm: {{epochs: 2, warmup_epochs: 1, device: cpu}}
+loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size: 6}}
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "freeal", "run", str(config), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "12 sentences" in result.stdout + result.stderr and "refinery 1" in result.stderr
+    labels = read_jsonl(tmp_path / "out" / "labels.jsonl")
+    assert len(labels) == 12 and all(len(r["tags"]) == len(r["tokens"]) for r in labels)
