@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> dict:
         "given": len(given),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "split": "global" if args.global_split else "per class",
+        "backbone": args.backbone or "all-minilm-l6-v2",
         "runs": [],
     }
     for mode in args.modes:

@@ -44,7 +44,8 @@ def slm(name: str) -> None:
     print(
         f"\n`{name}`: {data['dataset']}, {data['items']} items, labels: {data['labels']} "
         f"({data['label_accuracy']:.4f} right where given, {data['abstained']} abstained); "
-        f"device {data['device']}; GMM split {data.get('split', 'global')}.\n"
+        f"device {data['device']}; GMM split {data.get('split', 'global')}; "
+        f"backbone {data.get('backbone', 'all-minilm-l6-v2')}.\n"
     )
     print(
         "| mode | trained on | views | epochs | transductive | inductive (test) "
@@ -127,9 +128,32 @@ def ner_types(report: dict) -> None:
         )
 
 
+def tagger(name: str) -> None:
+    """One tagger benchmark (bench/tagger.py): the same LLM labels, trained several ways."""
+    data = json.loads((RESULTS / name).read_text())
+    print(f"\n`{name}`: {data['dataset']}, {data['labels']}; test: {data['test']}; {data['settings']}.\n")
+    print(
+        "| trained on | test P / R / F1 | train-sentence F1 | clean sentences: share @ exact-right "
+        "(noisy side) | s per epoch | peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        clean = (
+            f"{r['clean_share']:.3f} @ {r['clean_precision']:.3f} ({r['noisy_precision']:.3f})"
+            if "clean_share" in r
+            else "–"
+        )
+        print(
+            f"| {r['variant']} | {_prf(r['inductive'])} | {r['transductive']['f1']:.3f} | {clean} "
+            f"| {r['seconds_per_epoch']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
+
+
 if __name__ == "__main__":
     zeroshot()
     for path in sorted(RESULTS.glob("slm_*.json")):
         slm(path.name)
     for path in sorted(RESULTS.glob("loop_*.json")):
         loop(path.name)
+    for path in sorted(RESULTS.glob("tagger_*.json")):
+        tagger(path.name)

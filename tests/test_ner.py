@@ -162,6 +162,8 @@ def test_grammar_constrained_answers_always_parse_and_align(data_dir, smollm2, t
     for tokens, spans in zip(s.tokens, out.spans, strict=True):
         assert all(k in task.label_names and 0 <= a < b <= len(tokens) for k, a, b in spans)  # type: ignore[union-attr]
     assert "mention ::=" in answer_grammar(s.tokens[0], task.label_names)
+    # the shared instructions are evaluated once: later prompts cost only their own tokens
+    assert ann.ledger.evaluated_tokens < 0.6 * ann.ledger.prompt_tokens
     # the same call again is answered by the cache
     before = ann.ledger.calls
     annotate_sentences(task, s.tokens, ann, [(np.arange(12), [])], progress=False)
@@ -315,7 +317,7 @@ def test_ner_loop_runs_reports_and_resumes_after_a_kill(data_dir, smollm2, tmp_p
     )
     assert report["rounds"][1]["slm"]["inductive"]["n"] == 10
     page = (loop.run_dir / "report.html").read_text()
-    assert "refinery 1" in page and "entity F1" in page
+    assert "refinery 1" in page and "entity F1" in page and "Entities per type" in page
     after = pd.DataFrame(read_jsonl(loop.run_dir / "round-1/llm/labels.jsonl"))
     slm = pd.DataFrame(read_jsonl(loop.run_dir / "round-0/slm/predictions.jsonl"))
     pool = {p["index"] for p in read_jsonl(loop.run_dir / "round-0/slm/pool.jsonl")}
@@ -354,5 +356,6 @@ loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size:
     )
     assert result.returncode == 0, result.stderr
     assert "12 sentences" in result.stdout + result.stderr and "refinery 1" in result.stderr
+    assert "entities per type" in result.stderr
     labels = read_jsonl(tmp_path / "out" / "labels.jsonl")
     assert len(labels) == 12 and all(len(r["tags"]) == len(r["tokens"]) for r in labels)

@@ -299,9 +299,11 @@ def run(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Run the FreeAL loop (or resume it in its run folder); print the per-round report."""
+    from rich.table import Table
+
     from freeal.data import read_items, read_sentences
     from freeal.loop import FreeAL
-    from freeal.report import table
+    from freeal.report import table, type_rows
     from freeal.tasks import load_task, task_from_dict
 
     cfg = load_run_config(config)
@@ -336,7 +338,16 @@ def run(
         console.print("interrupted: finished steps and LLM answers are kept; run the same command to resume")
         raise typer.Exit(130) from None
     # a log file or a pipe gets the whole table, not one squeezed to rich's default 80 columns
-    (console if console.is_terminal else Console(stderr=True, width=180)).print(table(loop.report_))
+    shown = console if console.is_terminal else Console(stderr=True, width=180)
+    shown.print(table(loop.report_))
+    kinds_head, kinds_rows = type_rows(loop.report_)
+    if kinds_rows:  # NER: the labels' entity scores per type
+        per_type = Table(title="entities per type (labels against gold)")
+        for col in kinds_head:
+            per_type.add_column(col, justify="left" if col == "stage" else "right")
+        for row in kinds_rows:
+            per_type.add_row(*row)
+        shown.print(per_type)
     console.print(f"labels: {loop.run_dir / 'labels.jsonl'}", soft_wrap=True)
     console.print(f"report: {loop.run_dir / 'report.html'}", soft_wrap=True)
 

@@ -220,8 +220,13 @@ class FreeALNER(FreeAL):
         old = previous["spans"].tolist()
         noisy = ~slm["clean"].to_numpy(bool) | np.asarray([s is None for s in old])
         noisy[pool_idx] = False
-        ask = np.flatnonzero(noisy)
         demos = [(self.items.tokens[i], old[i]) for i in pool_idx]
+        if not any(spans for _, spans in demos):
+            # A pool of entity-free sentences teaches the LLM to answer "END": measured, it wiped out
+            # nearly every entity (split_unit: token, BENCHMARKS.md). Keep the labels instead.
+            self.say(f"round {r}: no clean sentence with an entity to show; labels kept as they are")
+            noisy[:] = False
+        ask = np.flatnonzero(noisy)
         groups = self._ner_groups(ask, demos) if len(ask) and demos else [(ask, [])] if len(ask) else []
         answers = self._annotate(groups, f"round {r}")
         asked = np.zeros(len(self.items), dtype=bool)

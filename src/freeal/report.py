@@ -231,6 +231,30 @@ def _plots(report: dict) -> list[tuple[str, str]]:
     return plots
 
 
+def type_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """NER only: entity precision / recall / F1 per type for each stage's labels (empty otherwise)."""
+    stages = [("zero-shot (baseline)", report.get("zero_shot"))] if report.get("zero_shot") else []
+    stages += [
+        ("initial round" if rd["round"] == 0 else f"refinery {rd['round']}", rd["llm"])
+        for rd in report["rounds"]
+    ]
+    metrics = [(name, step.get("metrics")) for name, step in stages if step]
+    kinds = sorted({k for _, m in metrics if m and "per_type" in m for k in m["per_type"]})
+    if not kinds:
+        return [], []
+    header = ["stage", "all: P / R / F1", *(f"{k}: P / R / F1" for k in kinds)]
+    out = []
+    for name, m in metrics:
+        if not m or not m.get("n"):
+            continue
+        cells = [f"{m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f}"]
+        for k in kinds:
+            t = m["per_type"].get(k)
+            cells.append(f"{t['precision']:.3f} / {t['recall']:.3f} / {t['f1-score']:.3f}" if t else "–")
+        out.append([name, *cells])
+    return header, out
+
+
 def write_html(report: dict, path: str | Path) -> Path:
     """A self-contained HTML page: the per-round table, totals, and plots."""
     from freeal.data import write_text_atomic
@@ -240,6 +264,16 @@ def write_html(report: dict, path: str | Path) -> Path:
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows(report)
     )
     totals = report["totals"]
+    kinds_head, kinds_rows = type_rows(report)
+    per_type = (
+        "<h2>Entities per type (labels against gold)</h2><table><thead><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in kinds_head)
+        + "</tr></thead><tbody>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in kinds_rows)
+        + "</tbody></table>"
+        if kinds_rows
+        else ""
+    )
     figures = "".join(
         f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{b64}"><figcaption>{html.escape(t)}'
         "</figcaption></figure>"
@@ -258,6 +292,7 @@ Total {totals["seconds"]:.0f} s, {totals["llm_calls"]} LLM calls
 Accuracies need gold labels and are '–' without them; gold labels are used only for this page.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 <p><small>{html.escape(CAPTION)}</small></p>
+{per_type}
 {figures}
 </body></html>
 """

@@ -44,11 +44,15 @@ class LabelScores:
 
 @dataclass
 class Generation:
-    """One free-text answer (used only to write demonstrations, never to label)."""
+    """One free-text answer: written demonstrations, or an entity list (NER).
+
+    ``evaluated_tokens`` is how many prompt tokens the model actually had to evaluate (a backend
+    that reuses a shared prefix evaluates fewer than ``prompt_tokens``); 0 when unknown."""
 
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    evaluated_tokens: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)

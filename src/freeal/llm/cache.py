@@ -39,8 +39,8 @@ class Ledger:
         else:
             self.calls += 1
             self.prompt_tokens += answer.prompt_tokens
-            self.evaluated_tokens += (
-                answer.evaluated_tokens if isinstance(answer, LabelScores) else answer.prompt_tokens
+            self.evaluated_tokens += answer.evaluated_tokens or (
+                0 if isinstance(answer, LabelScores) else answer.prompt_tokens
             )
             self.completion_tokens += answer.completion_tokens
         self.abstained += isinstance(answer, LabelScores) and answer.label is None

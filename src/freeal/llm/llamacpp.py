@@ -159,6 +159,12 @@ class LlamaCppAnnotator:
                 if grammars is not None
                 else None
             )
+            # llama.cpp keeps the longest prefix it already holds: count only what it must evaluate
+            prompt = self.render(messages)
+            held = np.asarray(self.llm.input_ids[: self.llm.n_tokens])
+            limit = min(len(held), len(prompt) - 1)
+            same = held[:limit] == np.asarray(prompt[:limit])
+            kept = int(limit if same.all() else np.argmin(same))
             out = self.llm.create_chat_completion(
                 messages=list(messages),  # type: ignore[arg-type]
                 max_tokens=max_tokens,
@@ -173,5 +179,6 @@ class LlamaCppAnnotator:
                     text=out["choices"][0]["message"].get("content") or "",  # type: ignore[index]
                     prompt_tokens=int(usage.get("prompt_tokens", 0)),
                     completion_tokens=int(usage.get("completion_tokens", 0)),
+                    evaluated_tokens=len(prompt) - kept,
                 ),
             )
