@@ -248,8 +248,10 @@ def test_tagger_learns_a_real_slice_and_reloads(bc5cdr, tmp_path):
         SLMTagger(task.label_names, cfg).fit([["a", "b"]], [None])
 
 
-def test_sentence_split_separates_injected_noise(bc5cdr):
-    task, train, _ = bc5cdr
+def test_sentence_split_separates_injected_noise(data_dir):
+    # 300 sentences: on 150 the tagger has not learned enough in 5 epochs for losses to separate
+    task = load_task(data_dir / "bc5cdr")
+    train = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=300, seed=0)
     rng = np.random.default_rng(0)
     noisy_tags = []
     corrupted = np.zeros(len(train), dtype=bool)
@@ -257,20 +259,21 @@ def test_sentence_split_separates_injected_noise(bc5cdr):
         spans = spans_from_tags(tags)
         if spans and rng.random() < 0.4:  # drop the entities or swap their types, as an LLM might
             corrupted[k] = True
-            spans = (
-                []
-                if rng.random() < 0.5
-                else [("Disease" if t == "Chemical" else "Chemical", a, b) for t, a, b in spans]
-            )
+            swapped = [("Disease" if t == "Chemical" else "Chemical", a, b) for t, a, b in spans]
+            spans = [] if rng.random() < 0.5 else swapped
         noisy_tags.append(tags_from_spans(len(tags), spans))
     cfg = SLMConfig(epochs=5, warmup_epochs=2, batch_size=16, device="cpu")
     tagger = SLMTagger(task.label_names, cfg).fit(train.tokens, noisy_tags)
-    clean_precision = float(np.mean(~corrupted[tagger.clean_mask_]))
-    assert tagger.clean_mask_.mean() > 0.2
-    assert clean_precision > float(np.mean(~corrupted)) + 0.1, (clean_precision, np.mean(~corrupted))
+    right = ~corrupted
+    clean, noisy = right[tagger.clean_mask_], right[~tagger.clean_mask_]
+    assert 0.2 < tagger.clean_mask_.mean() < 0.95
+    assert clean.mean() > right.mean() + 0.05, (clean.mean(), right.mean())
+    assert noisy.mean() < right.mean() - 0.15, (noisy.mean(), right.mean())
 
 
-SLM = SLMConfig(epochs=3, warmup_epochs=1, batch_size=16, device="cpu")
+# enough for the tagger to reproduce some of SmolLM2's entity lists on 16 sentences, so that the
+# pool holds sentences with entities and refinery runs (an entity-free pool skips it)
+SLM = SLMConfig(epochs=6, warmup_epochs=1, batch_size=8, lr=5e-4, device="cpu")
 LOOP = LoopConfig(initial_demos="none", k=4, group_size=8, refinery_rounds=1, min_change=0, pool_size=8)
 NER_STEPS = ["round-0/llm", "round-0/slm", "round-1/llm", "round-1/slm"]
 
@@ -317,11 +320,16 @@ def test_ner_loop_runs_reports_and_resumes_after_a_kill(data_dir, smollm2, tmp_p
     )
     assert report["rounds"][1]["slm"]["inductive"]["n"] == 10
     page = (loop.run_dir / "report.html").read_text()
-    assert "refinery 1" in page and "entity F1" in page and "Entities per type" in page
+    assert "refinery 1" in page and "Entities per type" in page
     after = pd.DataFrame(read_jsonl(loop.run_dir / "round-1/llm/labels.jsonl"))
     slm = pd.DataFrame(read_jsonl(loop.run_dir / "round-0/slm/predictions.jsonl"))
     pool = {p["index"] for p in read_jsonl(loop.run_dir / "round-0/slm/pool.jsonl")}
-    assert after["asked"].tolist() == [not c and i not in pool for i, c in enumerate(slm["clean"])]
+    before = read_jsonl(loop.run_dir / "round-0/llm/labels.jsonl")
+    assert any(before[i]["spans"] for i in pool)
+    expected = [(not c or before[i]["spans"] is None) and i not in pool for i, c in enumerate(slm["clean"])]
+    assert after["asked"].tolist() == expected and 0 < sum(expected) < 16
+    kept = ~after["asked"]
+    assert all(a == b["spans"] for a, b, k in zip(after["spans"], before, kept, strict=True) if k)
 
     # killed in the middle of the refinery round, then resumed: no LLM answer is paid twice
     halfway = report["rounds"][0]["llm"]["llm_usage"]["calls"] + 2
@@ -358,4 +366,4 @@ loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size:
     assert "12 sentences" in result.stdout + result.stderr and "refinery 1" in result.stderr
     assert "entities per type" in result.stderr
     labels = read_jsonl(tmp_path / "out" / "labels.jsonl")
-    assert len(labels) == 12 and all(len(r["tags"]) == len(r["tokens"]) for r in labels)
+    assert len(labels) == 12 and all(r["tags"] is None or len(r["tags"]) == len(r["tokens"]) for r in labels)

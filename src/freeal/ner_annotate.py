@@ -58,6 +58,7 @@ class SpanAnswers:
     unaligned: int = 0
     unreadable: int = 0
     reasked: int = 0
+    truncated: int = 0
 
     def stats(self) -> dict:
         out = asdict(self)
@@ -100,8 +101,14 @@ def annotate_sentences(
         answers[j] = answer
     retry: list[tuple[int, str]] = []
     for j, answer in answers.items():
+        text = answer.text
+        if grammar and not text.rstrip().endswith(END):
+            # cut off by max_tokens (a small model can list entities until it runs out): every
+            # complete line is valid under the grammar, so keep those and drop the partial one
+            out.truncated += 1
+            text = text[: text.rfind("\n") + 1]
         try:
-            mentions = (parse_lines if grammar else parse_json)(answer.text, task.label_names)
+            mentions = (parse_lines if grammar else parse_json)(text, task.label_names)
         except ValueError as exc:
             retry.append((j, str(exc)))
             continue
