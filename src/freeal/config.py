@@ -68,6 +68,8 @@ def validate(model: type[BaseModel], raw: dict, source: str) -> BaseModel:
 class SLMConfig(BaseModel):
     """The small model and its robust self-training (defaults follow FreeAL/DivideMix where they exist).
 
+    ``backbone``: ``all-minilm-l6-v2`` (default), ``all-mpnet-base-v2`` (from its PyPI packages;
+    much better in ``head`` mode, 6× slower to embed) or a local encoder folder.
     ``mode``: ``head`` trains a small head on frozen, cached sentence embeddings (fast on a CPU);
     ``finetune`` trains the whole encoder with the head, as in the paper. ``lr`` defaults per mode.
     ``lambda_u`` weighs the consistency loss on noisy items. It defaults to 0 (noisy items are left
