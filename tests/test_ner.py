@@ -367,3 +367,10 @@ loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size:
     assert "entities per type" in result.stderr
     labels = read_jsonl(tmp_path / "out" / "labels.jsonl")
     assert len(labels) == 12 and all(r["tags"] is None or len(r["tags"]) == len(r["tokens"]) for r in labels)
+
+
+def test_initial_round_defaults_to_zero_shot_for_ner_only(data_dir):
+    ner = FreeAL(TASK, progress=False)
+    classification = FreeAL(load_task(data_dir / "sst2"), progress=False)
+    assert ner.loop.initial_demos == "none" and classification.loop.initial_demos == "generated"
+    assert FreeAL(TASK, loop=LoopConfig(initial_demos="generated")).loop.initial_demos == "generated"

@@ -99,3 +99,11 @@ def test_robust_training_without_warm_up_splits_from_the_first_epoch(sst2_slice)
     slm = SLMClassifier(task.label_names, cfg).fit(items.texts[:100], noisy[:100])
     assert slm.epoch_log[0]["ramp"] > 0 and slm.epoch_log[0]["clean_fraction"] < 1.0
     assert slm.epoch_log[1]["consistency"] > 0  # the noisy items train through their views
+
+
+def test_unknown_backbone_is_one_clear_error(tmp_path):
+    from freeal.embed import encoder_path
+
+    with pytest.raises(FreeALError, match=r"not a known encoder \(all-minilm-l6-v2, all-mpnet-base-v2\)"):
+        encoder_path("roberta-base")
+    assert encoder_path(str(tmp_path)) == str(tmp_path)  # a local folder is taken as is

@@ -120,7 +120,10 @@ class FreeAL:
         self.task = task
         self.llm = llm or LLMConfig()
         self.slm = slm or SLMConfig()
-        self.loop = loop or LoopConfig()
+        loop = loop or LoopConfig()
+        if loop.initial_demos == "auto":  # resolved here, so the run's fingerprint names the choice
+            loop = loop.model_copy(update={"initial_demos": "none" if task.kind == "ner" else "generated"})
+        self.loop = loop
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._annotator = annotator
         self._embedder = embedder
