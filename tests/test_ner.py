@@ -172,7 +172,7 @@ def test_grammar_constrained_answers_always_parse_and_align(data_dir, smollm2, t
 
 def test_json_answers_get_one_reask_then_are_dropped(tmp_path):
     def policy(users: list[str]) -> str:
-        if "could not be read" in users[-1] and "dopa" in users[0]:
+        if "could not be read" in users[-1] and any("dopa" in u for u in users):
             return '[{"type": "Chemical", "text": "L-dopa"}, {"type": "Disease", "text": "gout"}]'
         return "Chemical: L-dopa"  # not JSON
 
@@ -181,8 +181,11 @@ def test_json_answers_get_one_reask_then_are_dropped(tmp_path):
         ann = CachedAnnotator(
             OpenAICompatAnnotator("m", server.url, backoff_base=0.01), CallCache(tmp_path / "c.sqlite")
         )
-        out = annotate_sentences(TASK, sentences, ann, [(np.arange(2), [])], progress=False)
+        demo = (["Parkinson", "'", "s", "disease"], [("Disease", 0, 4)])
+        out = annotate_sentences(TASK, sentences, ann, [(np.arange(2), [demo])], progress=False)
         assert len(server.bodies) == 4  # two answers, two re-asks
+        shown = [m for m in server.bodies[0]["messages"] if m["role"] == "assistant"]
+        assert json.loads(shown[0]["content"]) == [{"type": "Disease", "text": "Parkinson ' s disease"}]
     assert out.spans == [[("Chemical", 0, 3)], None]
     assert out.reasked == 2 and out.unreadable == 1 and out.unaligned == 1  # "gout" is not there
 

@@ -8,6 +8,7 @@ strictly, and asked again once with the parse error when it does not parse.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,7 +43,9 @@ def _demo_pairs(demos: Sequence[Demo], json_output: bool) -> list[tuple[str, str
     pairs = []
     for tokens, spans in demos:
         if json_output:
-            answer = str([{"type": k, "text": render(tokens[s:e])} for k, s, e in spans]).replace("'", '"')
+            answer = json.dumps(
+                [{"type": k, "text": render(tokens[a:b])} for k, a, b in spans], ensure_ascii=False
+            )
         else:
             answer = format_answer(tokens, spans)
         pairs.append((render(tokens), answer))

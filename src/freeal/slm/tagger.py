@@ -226,17 +226,11 @@ class SLMTagger:
             idx = order[start : start + cfg.batch_size]
             batch, firsts = self._encode([words[i] for i in idx])
             logits = self.net(batch)
-            trained = [
-                [t if (is_labeled[i] and token_clean[i][k]) else "<skip>" for k, t in enumerate(given[i])]
-                for i in idx
-            ]
-            y = self._targets(
-                [[t if t != "<skip>" else "O" for t in row] for row in trained], firsts, logits.shape[1]
-            )
-            for b, row in enumerate(trained):
-                for k, t in enumerate(row):
-                    if t == "<skip>" and firsts[b][k] >= 0:
-                        y[b, firsts[b][k]] = -100
+            y = self._targets([given[i] for i in idx], firsts, logits.shape[1])
+            for b, i in enumerate(idx):  # only clean words of labeled sentences are fitted
+                for k, pos in enumerate(firsts[b]):
+                    if pos >= 0 and not (is_labeled[i] and token_clean[i][k]):
+                        y[b, pos] = -100
             loss = torch.zeros((), device=self.device)
             if (y >= 0).any():
                 ce = F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-100)
