@@ -417,30 +417,7 @@ class FreeAL:
             pool_size=self.loop.pool_size,
             seed=self.loop.seed,
         )
-        write_jsonl_atomic(
-            folder / "predictions.jsonl",
-            [
-                {
-                    "id": self.items.ids[i],
-                    "predicted": predicted[i],
-                    "confidence": float(model.train_proba_[i].max()),
-                    "clean": bool(model.clean_mask_[i]),
-                    "clean_prob": float(model.clean_prob_[i]),
-                    "mean_loss": None if np.isnan(model.mean_loss_[i]) else float(model.mean_loss_[i]),
-                }
-                for i in range(len(self.items))
-            ],
-        )
-        write_jsonl_atomic(
-            folder / "pool.jsonl", [{"id": self.items.ids[d.index], **d.to_json()} for d in fb.pool]
-        )
-        result: dict = {
-            "round": r,
-            "epochs": model.epoch_log,
-            "noisy_share": float(1 - model.clean_mask_.mean()),
-            "clean_set": len(fb.clean),
-            "pool": len(fb.pool),
-        }
+        result = self._write_slm_step(r, model, predicted, model.train_proba_.max(1), fb)
         if self.gold is not None:
             result["transductive"] = classification_report(self.gold, predicted, names)
             clean = np.flatnonzero(model.clean_mask_)
@@ -454,6 +431,36 @@ class FreeAL:
         if self.test is not None and self.test.gold is not None:
             result["inductive"] = classification_report(self.test.gold, model.predict(self.test.texts), names)
         return result
+
+    def _write_slm_step(self, r: int, model: Any, predicted: list, confidence: np.ndarray, fb: Any) -> dict:
+        """The SLM step's files (per-item predictions with clean flags, the pool) and its summary;
+        shared by the classification and NER loops (``model`` has ``clean_mask_``, ``clean_prob_``,
+        ``mean_loss_`` and ``epoch_log``)."""
+        folder = self._path(f"round-{r}/slm")
+        write_jsonl_atomic(
+            folder / "predictions.jsonl",
+            [
+                {
+                    "id": self.items.ids[i],
+                    "predicted": predicted[i],
+                    "confidence": float(confidence[i]),
+                    "clean": bool(model.clean_mask_[i]),
+                    "clean_prob": float(model.clean_prob_[i]),
+                    "mean_loss": None if np.isnan(model.mean_loss_[i]) else float(model.mean_loss_[i]),
+                }
+                for i in range(len(self.items))
+            ],
+        )
+        write_jsonl_atomic(
+            folder / "pool.jsonl", [{"id": self.items.ids[d.index], **d.to_json()} for d in fb.pool]
+        )
+        return {
+            "round": r,
+            "epochs": model.epoch_log,
+            "noisy_share": float(1 - model.clean_mask_.mean()),
+            "clean_set": len(fb.clean),
+            "pool": len(fb.pool),
+        }
 
     # -- the end ----------------------------------------------------------------------------------
     def _finish(self, last: int) -> pd.DataFrame:

@@ -284,30 +284,7 @@ class FreeALNER(FreeAL):
             pool_size=self.loop.pool_size,
             seed=self.loop.seed,
         )
-        write_jsonl_atomic(
-            folder / "predictions.jsonl",
-            [
-                {
-                    "id": self.items.ids[i],
-                    "predicted": model.train_tags_[i],
-                    "confidence": float(model.train_confidence_[i]),
-                    "clean": bool(model.clean_mask_[i]),
-                    "clean_prob": float(model.clean_prob_[i]),
-                    "mean_loss": None if np.isnan(model.mean_loss_[i]) else float(model.mean_loss_[i]),
-                }
-                for i in range(len(self.items))
-            ],
-        )
-        write_jsonl_atomic(
-            folder / "pool.jsonl", [{"id": self.items.ids[d.index], **d.to_json()} for d in fb.pool]
-        )
-        result: dict = {
-            "round": r,
-            "epochs": model.epoch_log,
-            "noisy_share": float(1 - model.clean_mask_.mean()),
-            "clean_set": len(fb.clean),
-            "pool": len(fb.pool),
-        }
+        result = self._write_slm_step(r, model, model.train_tags_, model.train_confidence_, fb)
         if self.gold is not None:
             result["transductive"] = ner_report(self.gold, model.train_tags_)
             exact = np.asarray([t is not None and t == g for t, g in zip(tags, self.gold, strict=True)])
