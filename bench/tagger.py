@@ -64,9 +64,9 @@ def main() -> None:
     }
     rows = []
     for name, (tags, extra) in variants.items():
-        cfg = SLMConfig(**base, **{k: v for k, v in extra.items() if k != "split_unit"})
+        cfg = SLMConfig(**base, **extra)
         start = time.perf_counter()
-        tagger = SLMTagger(task.label_names, cfg, extra.get("split_unit", "sentence")).fit(tokens, tags)
+        tagger = SLMTagger(task.label_names, cfg).fit(tokens, tags)
         seconds = time.perf_counter() - start
         row = {
             "variant": name,

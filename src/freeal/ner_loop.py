@@ -268,9 +268,7 @@ class FreeALNER(FreeAL):
                 f"clean {entry['clean_fraction']:.3f}, {entry['seconds']:.1f} s"
             )
 
-        model = SLMTagger(self.task.label_names, self.slm, self.slm.split_unit).fit(
-            self.items.tokens, tags, on_epoch=show
-        )
+        model = SLMTagger(self.task.label_names, self.slm).fit(self.items.tokens, tags, on_epoch=show)
         folder = self._path(f"round-{r}/slm")
         model.save(folder / "model")
         given = [signature(s) for s in spans]

@@ -49,6 +49,14 @@ class Task(BaseModel):
     def label_names(self) -> list[str]:
         return list(self.labels)
 
+    def require_classification(self, what: str) -> None:
+        """Refuse an NER task where whole texts get one label each (its types are no label set)."""
+        if self.kind != "classification":
+            raise FreeALError(
+                f"task {self.name!r} is kind: {self.kind}, and {what} labels whole texts with one label "
+                "each; run the FreeAL loop on it instead (`freeal run`, or FreeAL(task).fit in Python)"
+            )
+
 
 def load_task(path: str | Path) -> Task:
     """Read a task from a ``.json``, ``.yaml`` or ``.yml`` file (or a data folder holding ``task.json``)."""

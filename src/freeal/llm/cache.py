@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from freeal.errors import FreeALError
 from freeal.llm.base import Annotator, Generation, LabelScores, Message
 
 A = TypeVar("A", LabelScores, Generation)
@@ -59,17 +60,50 @@ def cache_key(identity: str, mode: str, messages: list[Message], labels: Sequenc
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+#: The layout of the cache file; a file of another version is refused rather than misread.
+SCHEMA_VERSION = 1
+
+
 class CallCache:
-    """A SQLite table of answers keyed by :func:`cache_key`; safe to share between threads."""
+    """A SQLite table of answers keyed by :func:`cache_key`; safe to share between threads.
+
+    The file carries its schema version (``meta`` table). A file that is not SQLite, or a SQLite
+    database that is not a freeal cache, is one :class:`FreeALError` naming it, never overwritten."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._check_schema()
+        except sqlite3.DatabaseError as exc:
+            raise FreeALError(
+                f"{self.path}: not a readable freeal LLM cache ({exc}); point cache_path elsewhere or "
+                "move the file away (its answers would be asked again)"
+            ) from exc
+
+    def _check_schema(self) -> None:
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if tables - {"answers", "meta"}:
+            raise FreeALError(
+                f"{self.path}: a SQLite database that is not a freeal LLM cache (tables: "
+                f"{', '.join(sorted(tables))}); point cache_path elsewhere"
+            )
         self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        # a cache written before the version was recorded has the same layout as version 1
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        if found != str(SCHEMA_VERSION):
+            raise FreeALError(
+                f"{self.path}: an LLM cache of schema version {found}; this freeal reads version "
+                f"{SCHEMA_VERSION}; point cache_path elsewhere"
+            )
 
     def get_many(self, keys: Sequence[str]) -> dict[str, dict]:
         """The stored answers (as JSON objects) of those ``keys`` that are in the cache."""

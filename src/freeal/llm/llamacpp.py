@@ -18,6 +18,7 @@ import numpy as np
 
 from freeal.errors import FreeALError
 from freeal.llm.base import Generation, LabelScores, Message
+from freeal.llm.native import ExtraBuffers, checked_extra_buffers, load_llama
 
 
 def default_threads() -> int:
@@ -33,7 +34,9 @@ class LlamaCppAnnotator:
 
     Parameters are plain: ``model_path`` (a GGUF file), ``n_threads`` (default: the usable cores),
     ``n_ctx`` (longest prompt in tokens), ``name`` (shown in the cache identity instead of the path,
-    e.g. the registry name plus the file's sha256).
+    e.g. the registry name plus the file's sha256). ``extra_buffers`` (``auto``: off on CPUs with
+    AMX, where they crash) is checked in a child process before the model loads here, so a build
+    that crashes on this CPU is one clear error, not a segfault (:mod:`freeal.llm.native`).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class LlamaCppAnnotator:
         n_ctx: int = 4096,
         n_batch: int = 512,
         name: str | None = None,
+        extra_buffers: ExtraBuffers = "auto",
     ) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -52,14 +56,15 @@ class LlamaCppAnnotator:
             raise FreeALError(f"{path}: GGUF model file not found")
         self.model_path = path
         self.n_threads = n_threads or default_threads()
-        self.llm = llama_cpp.Llama(
-            model_path=str(path),
+        self.extra_buffers = checked_extra_buffers(path, extra_buffers, identity=name or "")
+        self.llm = load_llama(
+            path,
+            extra_buffers=self.extra_buffers,
             n_ctx=n_ctx,
             n_batch=n_batch,
             n_threads=self.n_threads,
             n_threads_batch=self.n_threads,
             logits_all=False,
-            verbose=False,
         )
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:

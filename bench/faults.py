@@ -1,0 +1,218 @@
+"""Fault figures: a small FreeAL run SIGKILLed at random moments and resumed, and reader fuzzing.
+
+``kills``: an uninterrupted run (SmolLM2-135M, a small TREC slice, every stage of the loop) gives
+the reference labels and LLM calls. Then the same run, in a fresh folder and cache, is started in
+a child process and SIGKILLed after a random delay, again and again, until an attempt finishes by
+itself. Every answer the LLM computes is logged (by a counting wrapper, before the cache stores it),
+so the benchmark sees calls repeated across kills: an answer lost between its computation and its
+commit is paid again, everything committed never is. The final labels must equal the reference.
+
+``fuzz``: the hypothesis properties of tests/test_fuzz.py with many more examples, reporting how
+many inputs each tried (every one must end in a result or one FreeALError naming the file).
+
+    python bench/faults.py kills --kills 20      # writes bench/results/faults_kills.json
+    python bench/faults.py fuzz --examples 3000  # writes bench/results/faults_fuzz.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+PYTEST = [sys.executable, "-m", "pytest", "-q"]
+
+
+class Counting:
+    """The real annotator; each answer it computes is appended to ``log`` (one line, flushed)."""
+
+    def __init__(self, inner, log: Path) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.identity, self.supports_grammar = inner, inner.identity, inner.supports_grammar
+        self.log = log.open("a", buffering=1)
+
+    def _count(self, prompts, stream):  # type: ignore[no-untyped-def]
+        for i, answer in stream:
+            self.log.write(hashlib.sha256(json.dumps(prompts[i]).encode()).hexdigest()[:16] + "\n")
+            yield i, answer
+
+    def score_many(self, prompts, labels):  # type: ignore[no-untyped-def]
+        return self._count(prompts, self.inner.score_many(prompts, labels))
+
+    def generate_many(self, prompts, **kw):  # type: ignore[no-untyped-def]
+        return self._count(prompts, self.inner.generate_many(prompts, **kw))
+
+
+def child(folder: Path, limit: int, quick: bool) -> None:
+    """One attempt: run (or resume) the loop in ``folder`` (``quick``: zero-shot start, one refinery
+    round, for the test suite)."""
+    from freeal.config import LoopConfig, SLMConfig
+    from freeal.data import read_items
+    from freeal.llm.cache import CachedAnnotator, CallCache
+    from freeal.llm.llamacpp import LlamaCppAnnotator
+    from freeal.llm.models import resolve_model
+    from freeal.loop import FreeAL
+    from freeal.tasks import load_task
+
+    task = load_task(DATA / "trec")
+    items = read_items(DATA / "trec" / "train.jsonl", task=task, limit=limit, seed=1)
+    path, name = resolve_model("smollm2-135m")
+    inner = Counting(LlamaCppAnnotator(path, name=name, n_ctx=1024), folder / "calls.log")
+    annotator = CachedAnnotator(inner, CallCache(folder / "cache.sqlite"))
+    loop = LoopConfig(
+        demos_per_label=2,
+        demos_per_call=2,
+        max_calls_per_label=8,
+        k=6,
+        group_size=12,
+        refinery_rounds=2,
+        min_change=0,
+    )
+    slm = SLMConfig(mode="head", epochs=6, warmup_epochs=2, device="cpu")
+    FreeAL(task, slm=slm, loop=loop, run_dir=folder / "run", annotator=annotator, progress=False).fit(items)
+
+
+def attempt(folder: Path, limit: int, quick: bool, kill_after: float | None) -> tuple[bool, float]:
+    """Start a child; SIGKILL it after ``kill_after`` seconds. Returns (finished by itself, seconds)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "child", "--folder", str(folder), "--limit", str(limit)]
+        + (["--quick"] if quick else []),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        proc.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return False, time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"attempt failed (exit {proc.returncode}): {proc.stderr.read()[-3000:]}")  # type: ignore[union-attr]
+    return True, time.perf_counter() - start
+
+
+def labels(folder: Path) -> list:
+    return [json.loads(line)["label"] for line in (folder / "run" / "labels.jsonl").read_text().splitlines()]
+
+
+def kills(n_kills: int, limit: int, seed: int, quick: bool = False) -> dict:
+    rng = random.Random(seed)
+    scratch = Path(tempfile.mkdtemp(prefix="freeal-faults-"))
+    reference = scratch / "reference"
+    reference.mkdir()
+    _, reference_seconds = attempt(reference, limit, quick, None)
+    reference_calls = (reference / "calls.log").read_text().split()
+    print(f"reference: {len(reference_calls)} LLM calls in {reference_seconds:.1f} s", flush=True)
+    killed = scratch / "killed"
+    killed.mkdir()
+    delays, finished, attempts = [], False, 0
+    while not finished:
+        attempts += 1
+        # random moments over the whole run; after n_kills, let the last attempt finish
+        delay = rng.uniform(1.0, reference_seconds) if len(delays) < n_kills else None
+        finished, seconds = attempt(killed, limit, quick, delay)
+        if not finished:
+            delays.append(round(seconds, 2))
+            steps = (
+                sorted(
+                    p.parent.relative_to(killed / "run").as_posix()
+                    for p in (killed / "run").rglob("step.json")
+                )
+                if (killed / "run").is_dir()
+                else []
+            )
+            print(f"kill {len(delays)} after {seconds:.1f} s; steps done: {len(steps)}", flush=True)
+    calls = (killed / "calls.log").read_text().split()
+    repeated = sum(c - 1 for c in Counter(calls).values() if c > 1)
+    same = labels(killed) == labels(reference)
+    result = {
+        "slice": f"trec train, random {limit} (seed 1); SmolLM2-135M",
+        "stages": "zero-shot start, 1 refinery round" if quick else "demos, initial round, 2 refinery rounds",
+        "kills": len(delays),
+        "kill_delays_seconds": delays,
+        "attempts": attempts,
+        "reference_calls": len(reference_calls),
+        "calls_with_kills": len(calls),
+        "calls_repeated": repeated,
+        "labels_identical": same,
+        "reference_seconds": reference_seconds,
+    }
+    print(json.dumps(result, indent=2), flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def fuzz(examples: int) -> dict:
+    env = {**os.environ, "FREEAL_FUZZ_EXAMPLES": str(examples)}
+    start = time.perf_counter()
+    done = subprocess.run(
+        [
+            *PYTEST,
+            str(ROOT / "tests" / "test_fuzz.py"),
+            "--hypothesis-show-statistics",
+            "-p",
+            "no:cacheprovider",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    out = done.stdout
+    per_test = {}
+    for name, block in re.findall(r"\n(tests/test_fuzz\.py::\S+):\n(.*?)(?=\n\S|\Z)", out, flags=re.S):
+        counts = [int(n) for n in re.findall(r"(\d+) passing examples", block)]
+        per_test[name.split("::")[1]] = sum(counts)
+    result = {
+        "examples_per_property": examples,
+        "inputs_tried": per_test,
+        "total_inputs": sum(per_test.values()),
+        "passed": done.returncode == 0,
+        "seconds": time.perf_counter() - start,
+        "pytest_tail": out.strip().splitlines()[-1] if out.strip() else done.stderr[-500:],
+    }
+    print(json.dumps(result, indent=2), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    k = sub.add_parser("kills")
+    k.add_argument("--kills", type=int, default=20)
+    k.add_argument("--limit", type=int, default=24)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults_kills.json")
+    f = sub.add_parser("fuzz")
+    f.add_argument("--examples", type=int, default=3000)
+    f.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults_fuzz.json")
+    c = sub.add_parser("child")
+    c.add_argument("--folder", type=Path, required=True)
+    c.add_argument("--limit", type=int, required=True)
+    c.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.what == "child":
+        child(args.folder, args.limit, args.quick)
+        return
+    result = kills(args.kills, args.limit, args.seed) if args.what == "kills" else fuzz(args.examples)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

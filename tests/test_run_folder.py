@@ -1,0 +1,314 @@
+"""The run folder's and the cache's promises: each test here failed before its fix (issue 10)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from freeal.cli import app
+from freeal.config import LLMConfig, LoopConfig, SLMConfig
+from freeal.data import read_items, read_jsonl
+from freeal.errors import FreeALError
+from freeal.llm import annotator_identity
+from freeal.llm.base import LabelScores
+from freeal.llm.cache import CachedAnnotator, CallCache
+from freeal.llm.openai_compat import OpenAICompatAnnotator
+from freeal.loop import FreeAL
+from freeal.slm.classifier import SLMClassifier
+from freeal.tasks import load_task
+
+SLM = SLMConfig(mode="head", epochs=4, warmup_epochs=1, device="cpu")
+ZERO_SHOT_START = LoopConfig(initial_demos="none", refinery_rounds=1, min_change=0, k=4, group_size=12)
+
+
+@pytest.fixture(scope="module")
+def trec(data_dir):
+    task = load_task(data_dir / "trec")
+    return task, read_items(data_dir / "trec" / "train.jsonl", task=task, limit=24, seed=1)
+
+
+class AbstainsWhenTold:
+    """The real annotator, except that it abstains (no label at all) once ``abstain`` is set."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.identity, self.abstain = inner, inner.identity + "+abstains", False
+
+    def score_many(self, prompts, labels):  # type: ignore[no-untyped-def]
+        if not self.abstain:
+            yield from self.inner.score_many(prompts, labels)
+            return
+        for i in range(len(prompts)):
+            yield i, LabelScores(label=None, scores=None)
+
+    def generate_many(self, prompts, **kw):  # type: ignore[no-untyped-def]
+        return self.inner.generate_many(prompts, **kw)
+
+
+def test_a_refinery_abstention_keeps_the_earlier_label(trec, smollm2, tmp_path):
+    task, items = trec
+    inner = AbstainsWhenTold(smollm2)
+
+    def say(message: str) -> None:
+        if message.startswith("step round-1/llm"):
+            inner.abstain = True
+
+    annotator = CachedAnnotator(inner, CallCache(tmp_path / "cache.sqlite"))
+    runner = FreeAL(
+        task,
+        slm=SLM,
+        loop=ZERO_SHOT_START,
+        run_dir=tmp_path / "run",
+        annotator=annotator,
+        progress=False,
+        say=say,
+    )
+    frame = runner.fit(items)
+    before = read_jsonl(runner.run_dir / "round-0/llm/labels.jsonl")
+    after = read_jsonl(runner.run_dir / "round-1/llm/labels.jsonl")
+    asked = [r["asked"] for r in after]
+    assert any(asked) and annotator.ledger.abstained >= sum(asked)
+    assert [r["label"] for r in after] == [r["label"] for r in before]
+    assert not any(r["changed"] for r in after)
+    assert frame["label"].notna().all()
+
+
+def test_an_injected_annotator_is_part_of_the_fingerprint(trec, smollm2, tmp_path):
+    task, items = trec
+    first = CachedAnnotator(smollm2, CallCache(tmp_path / "cache.sqlite"))
+    runner = FreeAL(task, slm=SLM, loop=ZERO_SHOT_START, run_dir=tmp_path / "run", annotator=first)
+    runner.progress = False
+    runner.fit(items)
+    other = AbstainsWhenTold(smollm2)  # another model as far as the run can tell
+    second = CachedAnnotator(other, CallCache(tmp_path / "cache.sqlite"))
+    runner = FreeAL(task, slm=SLM, loop=ZERO_SHOT_START, run_dir=tmp_path / "run", annotator=second)
+    with pytest.raises(FreeALError, match=r"differs in: models\.annotator"):
+        runner.fit(items)
+
+
+def test_the_base_url_actually_used_is_fingerprinted(monkeypatch):
+    cfg = LLMConfig(backend="openai", model="m")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9001/v1")
+    one = annotator_identity(cfg)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9002/v1")
+    assert annotator_identity(cfg) != one and "9002" in annotator_identity(cfg)
+
+
+def test_changed_backbone_weights_change_the_fingerprint(tmp_path):
+    from freeal.embed import weights_identity
+
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"a" * 10)
+    before = weights_identity(folder)
+    (folder / "model.safetensors").write_bytes(b"b" * 11)
+    assert weights_identity(folder) != before
+
+
+def test_a_kill_right_after_run_json_leaves_a_folder_that_resumes(trec, smollm2, tmp_path, monkeypatch):
+    import freeal.loop as loop_module
+
+    task, items = trec
+    real = loop_module.write_jsonl_atomic
+
+    def dies_on_items(path, rows):  # type: ignore[no-untyped-def]
+        if path.name == "items.jsonl":
+            raise KeyboardInterrupt("killed between the first two writes")
+        return real(path, rows)
+
+    annotator = CachedAnnotator(smollm2, CallCache(tmp_path / "cache.sqlite"))
+    make = lambda: FreeAL(  # noqa: E731
+        task, slm=SLM, loop=ZERO_SHOT_START, run_dir=tmp_path / "run", annotator=annotator, progress=False
+    )
+    monkeypatch.setattr(loop_module, "write_jsonl_atomic", dies_on_items)
+    with pytest.raises(KeyboardInterrupt):
+        make().fit(items)
+    monkeypatch.setattr(loop_module, "write_jsonl_atomic", real)
+    frame = make().fit(items)
+    assert len(frame) == len(items)
+    assert [r["id"] for r in read_jsonl(tmp_path / "run" / "items.jsonl")] == items.ids
+
+
+def test_two_processes_cannot_share_a_run_folder(trec, smollm2, tmp_path):
+    from filelock import FileLock
+
+    task, items = trec
+    (tmp_path / "run").mkdir()
+    held = FileLock(tmp_path / "run" / ".lock")
+    entered, release = threading.Event(), threading.Event()
+
+    def other_process() -> None:  # flock locks are per open file: a thread stands in for a process
+        with held:
+            entered.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    entered.wait(10)
+    try:
+        annotator = CachedAnnotator(smollm2, CallCache(tmp_path / "cache.sqlite"))
+        runner = FreeAL(task, slm=SLM, loop=ZERO_SHOT_START, run_dir=tmp_path / "run", annotator=annotator)
+        with pytest.raises(FreeALError, match="in use by another freeal process"):
+            runner.fit(items)
+        assert annotator.ledger.calls == 0
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_slm_overrides_are_validated():
+    with pytest.raises(FreeALError, match="epochs"):
+        SLMClassifier(["a", "b"], epochs=-1)
+    with pytest.raises(FreeALError, match="mode"):
+        SLMClassifier(["a", "b"], mode="bogus")
+    assert SLMClassifier(["a", "b"], epochs=3).config.epochs == 3
+
+
+def test_the_tagger_honours_the_configured_split_unit():
+    from freeal.slm.tagger import SLMTagger
+
+    assert SLMTagger(["Chemical"], SLMConfig(split_unit="token")).split_unit == "token"
+
+
+def test_annotate_and_train_refuse_an_ner_task(data_dir, tmp_path):
+    runner = CliRunner()
+    data = str(data_dir / "bc5cdr" / "train.jsonl")
+    for command in (
+        ["annotate", "--task", str(data_dir / "bc5cdr"), "--data", data, "--out", str(tmp_path / "o.jsonl")],
+        ["train", "--task", str(data_dir / "bc5cdr"), "--data", data, "--out", str(tmp_path / "slm")],
+    ):
+        result = runner.invoke(app, command)
+        assert result.exit_code != 0
+        assert "kind: ner" in str(result.exception) and "freeal run" in str(result.exception)
+
+
+def test_saved_models_load_with_weights_only(tmp_path, monkeypatch):
+    """A saved SLM holds tensors only: loading never unpickles code."""
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kw):  # type: ignore[no-untyped-def]
+        calls.append(kw.get("weights_only"))
+        return real(*args, **kw)
+
+    texts = ["good", "bad", "great", "awful"] * 4
+    model = SLMClassifier(["negative", "positive"], SLMConfig(mode="head", epochs=2, warmup_epochs=0))
+    model.fit(texts, ["positive", "negative"] * 8)
+    model.save(tmp_path / "m")
+    monkeypatch.setattr(torch, "load", spy)
+    again = SLMClassifier.load(tmp_path / "m", device="cpu")
+    assert calls == [True]
+    assert np.allclose(again.predict_proba(texts), model.predict_proba(texts), atol=1e-6)
+
+
+def test_an_interrupted_model_assembly_leaves_no_partial_file(tmp_path, monkeypatch):
+    from freeal.llm import models
+
+    monkeypatch.setenv("FREEAL_CACHE_DIR", str(tmp_path))
+    chunk = tmp_path / "part01.bin"
+    chunk.write_bytes(b"x" * (3 << 22))
+    monkeypatch.setattr(models, "_chunks", lambda model: [chunk, chunk])
+    real_open = type(chunk).open
+    opened = []
+
+    def interrupted(self, mode="r", *a, **kw):  # type: ignore[no-untyped-def]
+        if self == chunk:
+            opened.append(1)
+            if len(opened) == 2:
+                raise KeyboardInterrupt("Ctrl-C during assembly")
+        return real_open(self, mode, *a, **kw)
+
+    monkeypatch.setattr(type(chunk), "open", interrupted)
+    monkeypatch.setitem(
+        models.MODELS, "fake", models.EmbeddedModel("fake", "fake.gguf", "fake==1", ("fake",), "0" * 64)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        models.model_path("fake")
+    assert not list((tmp_path / "models").glob("*"))
+
+
+def test_a_corrupt_or_foreign_cache_file_is_one_clear_error(tmp_path):
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(FreeALError, match="not a readable freeal LLM cache"):
+        CallCache(garbage)
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+    with pytest.raises(FreeALError, match="not a freeal LLM cache"):
+        CallCache(foreign)
+    assert foreign.stat().st_size > 0  # not overwritten
+
+
+def test_the_cache_carries_a_schema_version_and_refuses_another(tmp_path):
+    path = tmp_path / "c.sqlite"
+    CallCache(path).close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+        db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(FreeALError, match="schema version 99"):
+        CallCache(path)
+
+
+def test_a_cache_from_before_the_schema_version_still_opens(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO answers VALUES ('k', '{}')")
+    assert len(CallCache(path)) == 1
+
+
+def test_the_embedding_cache_temp_file_is_per_process(tmp_path, monkeypatch):
+    from freeal.embed import Embedder
+
+    monkeypatch.setenv("FREEAL_CACHE_DIR", str(tmp_path))
+    saved = []
+    real_save = np.save
+    monkeypatch.setattr(np, "save", lambda path, array: (saved.append(path), real_save(path, array)))
+    Embedder(device="cpu").encode(["one text", "another"])
+    assert len(saved) == 1 and f"tmp{__import__('os').getpid()}" in str(saved[0])
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("http://llm.example.com/v1", True),
+        ("http://10.1.2.3:8000/v1", True),
+        ("https://llm.example.com/v1", False),
+        ("http://127.0.0.1:8000/v1", False),
+        ("http://localhost:8000/v1", False),
+        ("http://[::1]:8000/v1", False),
+    ],
+)
+def test_an_api_key_never_goes_over_plain_http_beyond_this_machine(url, refused, monkeypatch):
+    import httpx
+
+    sent: list[str] = []
+
+    async def no_network(self, request, **kw):  # type: ignore[no-untyped-def]
+        sent.append(str(request.url))  # nothing leaves this machine in this test
+        raise httpx.ConnectError("no network in this test", request=request)
+
+    monkeypatch.setattr(httpx.AsyncClient, "send", no_network)
+    monkeypatch.setenv("TEST_KEY", "sk-secret")
+    prompts = [[{"role": "user", "content": "hi"}]]
+
+    def ask(**kw: object) -> str:
+        annotator = OpenAICompatAnnotator("m", base_url=url, api_key_env="TEST_KEY", max_retries=0, **kw)
+        try:
+            list(annotator.score_many(prompts, ["a", "b"]))
+        except FreeALError as exc:
+            return str(exc)
+        return ""
+
+    if refused:
+        message = ask()
+        assert "refusing to send the API key" in message and "sk-secret" not in message
+        assert sent == []
+        assert "refusing" not in ask(allow_plain_http=True) and sent  # the user opted in
+    else:
+        assert "refusing" not in ask() and sent
