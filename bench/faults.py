@@ -3,9 +3,10 @@
 ``kills``: an uninterrupted run (SmolLM2-135M, a small TREC slice, every stage of the loop) gives
 the reference labels and LLM calls. Then the same run, in a fresh folder and cache, is started in
 a child process and SIGKILLed after a random delay, again and again, until an attempt finishes by
-itself. Every answer the LLM computes is logged (by a counting wrapper, before the cache stores it),
-so the benchmark sees calls repeated across kills: an answer lost between its computation and its
-commit is paid again, everything committed never is. The final labels must equal the reference.
+itself; such trials repeat until the kills add up. Every answer the LLM computes is logged (by a
+counting wrapper, before the cache stores it), so the benchmark sees calls repeated across kills:
+an answer lost between its computation and its commit is paid again, everything committed never
+is. The final labels must equal the reference.
 
 ``fuzz``: the hypothesis properties of tests/test_fuzz.py with many more examples, reporting how
 many inputs each tried (every one must end in a result or one FreeALError naming the file).
@@ -109,7 +110,10 @@ def labels(folder: Path) -> list:
     return [json.loads(line)["label"] for line in (folder / "run" / "labels.jsonl").read_text().splitlines()]
 
 
-def kills(n_kills: int, limit: int, seed: int, quick: bool = False) -> dict:
+def kills(n_kills: int, limit: int, seed: int, quick: bool = False, max_delay: float = 12.0) -> dict:
+    """Trials in fresh folders: each attempt is SIGKILLed after a random delay (up to ``max_delay``
+    seconds, start-up included) until one finishes by itself; trials go on until ``n_kills`` kills
+    have landed. Every trial must end with the reference labels."""
     rng = random.Random(seed)
     scratch = Path(tempfile.mkdtemp(prefix="freeal-faults-"))
     reference = scratch / "reference"
@@ -117,39 +121,36 @@ def kills(n_kills: int, limit: int, seed: int, quick: bool = False) -> dict:
     _, reference_seconds = attempt(reference, limit, quick, None)
     reference_calls = (reference / "calls.log").read_text().split()
     print(f"reference: {len(reference_calls)} LLM calls in {reference_seconds:.1f} s", flush=True)
-    killed = scratch / "killed"
-    killed.mkdir()
-    delays, finished, attempts = [], False, 0
-    while not finished:
-        attempts += 1
-        # random moments over the whole run; after n_kills, let the last attempt finish
-        delay = rng.uniform(1.0, reference_seconds) if len(delays) < n_kills else None
-        finished, seconds = attempt(killed, limit, quick, delay)
-        if not finished:
-            delays.append(round(seconds, 2))
-            steps = (
-                sorted(
-                    p.parent.relative_to(killed / "run").as_posix()
-                    for p in (killed / "run").rglob("step.json")
-                )
-                if (killed / "run").is_dir()
-                else []
-            )
-            print(f"kill {len(delays)} after {seconds:.1f} s; steps done: {len(steps)}", flush=True)
-    calls = (killed / "calls.log").read_text().split()
-    repeated = sum(c - 1 for c in Counter(calls).values() if c > 1)
-    same = labels(killed) == labels(reference)
+    trials = []
+    while sum(t["kills"] for t in trials) < n_kills:
+        folder = scratch / f"trial-{len(trials)}"
+        folder.mkdir()
+        delays: list[float] = []
+        finished = False
+        while not finished:
+            finished, seconds = attempt(folder, limit, quick, rng.uniform(1.0, max_delay))
+            if not finished:
+                delays.append(round(seconds, 2))
+        calls = (folder / "calls.log").read_text().split()
+        trial = {
+            "kills": len(delays),
+            "kill_delays_seconds": delays,
+            "calls": len(calls),
+            "calls_repeated": sum(c - 1 for c in Counter(calls).values() if c > 1),
+            "labels_identical": labels(folder) == labels(reference),
+        }
+        trials.append(trial)
+        print(f"trial {len(trials)}: {json.dumps(trial)}", flush=True)
     result = {
         "slice": f"trec train, random {limit} (seed 1); SmolLM2-135M",
         "stages": "zero-shot start, 1 refinery round" if quick else "demos, initial round, 2 refinery rounds",
-        "kills": len(delays),
-        "kill_delays_seconds": delays,
-        "attempts": attempts,
+        "kills": sum(t["kills"] for t in trials),
+        "trials": trials,
         "reference_calls": len(reference_calls),
-        "calls_with_kills": len(calls),
-        "calls_repeated": repeated,
-        "labels_identical": same,
+        "calls_repeated": sum(t["calls_repeated"] for t in trials),
+        "labels_identical": all(t["labels_identical"] for t in trials),
         "reference_seconds": reference_seconds,
+        "max_delay_seconds": max_delay,
     }
     print(json.dumps(result, indent=2), flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -196,6 +197,7 @@ def main() -> None:
     k.add_argument("--kills", type=int, default=20)
     k.add_argument("--limit", type=int, default=24)
     k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--max-delay", type=float, default=12.0)
     k.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults_kills.json")
     f = sub.add_parser("fuzz")
     f.add_argument("--examples", type=int, default=3000)
@@ -208,7 +210,10 @@ def main() -> None:
     if args.what == "child":
         child(args.folder, args.limit, args.quick)
         return
-    result = kills(args.kills, args.limit, args.seed) if args.what == "kills" else fuzz(args.examples)
+    if args.what == "kills":
+        result = kills(args.kills, args.limit, args.seed, max_delay=args.max_delay)
+    else:
+        result = fuzz(args.examples)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -24,7 +24,7 @@ import torch
 
 from freeal.config import SLMConfig
 from freeal.data import read_items, read_jsonl
-from freeal.demos import select_clean
+from freeal.feedback import select_clean
 from freeal.slm.augment import make_views
 from freeal.slm.classifier import SLMClassifier
 from freeal.tasks import load_task
@@ -140,7 +140,8 @@ def run(args: argparse.Namespace) -> dict:
                     ):
                         entry[key] = {}
                         for fraction in (0.2, 0.25, 0.3):
-                            chosen = select_clean(noisy, predicted, ranking, fraction)
+                            agree = [n == p for n, p in zip(noisy, predicted, strict=True)]
+                            chosen = select_clean(noisy, agree, ranking, fraction)
                             entry[key][str(fraction)] = {
                                 "size": len(chosen),
                                 "share": len(chosen) / len(texts),

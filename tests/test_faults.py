@@ -16,8 +16,8 @@ def test_random_kills_repeat_no_committed_call_and_change_no_label(data_dir):
     assert spec is not None and spec.loader is not None
     faults = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(faults)
-    found = faults.kills(n_kills=3, limit=24, seed=1, quick=True)
-    assert found["kills"] == 3 and found["labels_identical"]
+    found = faults.kills(n_kills=3, limit=24, seed=1, quick=True, max_delay=9.0)
+    assert found["kills"] >= 3 and found["labels_identical"]
     # a kill can land between an answer and its commit: at most the call in flight is paid again
     assert found["calls_repeated"] <= found["kills"]
-    assert found["calls_with_kills"] <= found["reference_calls"] + found["kills"]
+    assert all(t["calls"] == found["reference_calls"] + t["calls_repeated"] for t in found["trials"])

@@ -32,7 +32,17 @@ LOOP = LoopConfig(
     refinery_rounds=2,
     min_change=0,
 )
-STEPS = ["demos", "round-0/llm", "round-0/slm", "round-1/llm", "round-1/slm", "round-2/llm", "round-2/slm"]
+STEPS = [
+    "demos",
+    "round-0/llm",
+    "round-0/slm",
+    "round-0/feedback",
+    "round-1/llm",
+    "round-1/slm",
+    "round-1/feedback",
+    "round-2/llm",
+    "round-2/slm",
+]
 
 
 class Killer:
@@ -100,8 +110,11 @@ def test_refinery_asks_only_noisy_items_and_keeps_the_rest(finished):
         before = pd.DataFrame(read_jsonl(loop.run_dir / f"round-{r - 1}/llm/labels.jsonl"))
         after = pd.DataFrame(read_jsonl(loop.run_dir / f"round-{r}/llm/labels.jsonl"))
         slm = pd.DataFrame(read_jsonl(loop.run_dir / f"round-{r - 1}/slm/predictions.jsonl"))
-        pool = {p["index"] for p in read_jsonl(loop.run_dir / f"round-{r - 1}/slm/pool.jsonl")}
+        position = {item_id: i for i, item_id in enumerate(loop.items.ids)}
+        pool = {position[p["id"]] for p in read_jsonl(loop.run_dir / f"round-{r - 1}/feedback/pool.jsonl")}
+        noisy = {position[p["id"]] for p in read_jsonl(loop.run_dir / f"round-{r - 1}/feedback/noisy.jsonl")}
         expected = [not c and i not in pool for i, c in enumerate(slm["clean"])]
+        assert sorted(noisy) == [i for i, e in enumerate(expected) if e]
         assert after["asked"].tolist() == expected
         assert 0 < sum(expected) < 24
         kept = ~after["asked"]
@@ -250,20 +263,29 @@ loop: {{initial_demos: none, k: 6, group_size: 12, refinery_rounds: 1}}
 
 
 def test_combined_refinery_label_needs_the_new_answer_to_outweigh_the_old():
-    from freeal.loop import _combine
+    from freeal.kinds.base import Answers
+    from freeal.kinds.classification import Classification
+    from freeal.tasks import Task
 
-    names = ["a", "b"]
-    previous = pd.DataFrame({"probs": [{"a": 0.9, "b": 0.1}, {"a": 0.6, "b": 0.4}, {"a": 0.9, "b": 0.1}]})
-    fresh = pd.DataFrame(
-        {
-            "label": ["b", "b", "a"],
-            "confidence": [0.7, 0.9, 0.8],
-            "probs": [{"a": 0.3, "b": 0.7}, {"a": 0.1, "b": 0.9}, {"a": 0.8, "b": 0.2}],
-            "asked": [True, True, False],
-        }
+    kind = Classification(Task(name="t", description="d", labels={"a": "A", "b": "B"}))
+    old_probs = [{"a": 0.9, "b": 0.1}, {"a": 0.6, "b": 0.4}, {"a": 0.9, "b": 0.1}, {"a": 0.2, "b": 0.8}]
+    previous = [
+        {"label": max(p, key=p.get), "confidence": max(p.values()), "probs": p, "log_scores": [0, 0]}
+        for p in old_probs
+    ]
+    fresh = Answers(
+        values=["b", "b", "a", None],  # the last one abstained
+        asked=np.array([True, True, False, True]),
+        columns={
+            "confidence": [0.7, 0.9, 0.8, None],
+            "probs": [{"a": 0.3, "b": 0.7}, {"a": 0.1, "b": 0.9}, {"a": 0.8, "b": 0.2}, None],
+            "log_scores": [[1, 2], [1, 3], [2, 1], None],
+        },
     )
-    out = _combine(previous, fresh, names)
-    assert out["label"].tolist() == ["a", "b", "a"]  # weak new "b" loses to a strong old "a"
-    assert out["probs"][0]["a"] == pytest.approx(0.27 / 0.34)
-    assert out["confidence"][1] == pytest.approx(0.36 / 0.42)
-    assert out["probs"][2] == {"a": 0.8, "b": 0.2}  # not asked: untouched
+    out = kind.merge(previous, fresh, "combined")
+    assert [r["label"] for r in out] == ["a", "b", "a", "b"]  # weak new "b" loses to a strong old "a"
+    assert out[0]["probs"]["a"] == pytest.approx(0.27 / 0.34)
+    assert out[1]["confidence"] == pytest.approx(0.36 / 0.42)
+    assert out[2]["probs"] == {"a": 0.9, "b": 0.1}  # not asked: untouched
+    assert out[3] == {k: previous[3][k] for k in ("label", "confidence", "probs", "log_scores")}  # abstained
+    assert [r["label"] for r in kind.merge(previous, fresh, "new")] == ["b", "b", "a", "b"]

@@ -16,6 +16,7 @@ import pytest
 from freeal.config import LoopConfig, SLMConfig
 from freeal.data import read_jsonl, read_sentences
 from freeal.errors import FreeALError
+from freeal.kinds.ner import merge_spans
 from freeal.llm.base import Generation, Message
 from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.llm.openai_compat import OpenAICompatAnnotator
@@ -32,7 +33,6 @@ from freeal.ner import (
     tokenize,
 )
 from freeal.ner_annotate import annotate_sentences, generate_ner_demonstrations, parse_demo_blocks
-from freeal.ner_loop import FreeALNER, merge_spans
 from freeal.slm.tagger import SLMTagger
 from freeal.tasks import load_task, task_from_dict
 from openai_server import FakeOpenAIServer
@@ -278,7 +278,7 @@ def test_sentence_split_separates_injected_noise(data_dir):
 # pool holds sentences with entities and refinery runs (an entity-free pool skips it)
 SLM = SLMConfig(epochs=6, warmup_epochs=1, batch_size=8, lr=5e-4, device="cpu")
 LOOP = LoopConfig(initial_demos="none", k=4, group_size=8, refinery_rounds=1, min_change=0, pool_size=8)
-NER_STEPS = ["round-0/llm", "round-0/slm", "round-1/llm", "round-1/slm"]
+NER_STEPS = ["round-0/llm", "round-0/slm", "round-0/feedback", "round-1/llm", "round-1/slm"]
 
 
 class Killer:
@@ -307,7 +307,7 @@ def test_ner_loop_runs_reports_and_resumes_after_a_kill(data_dir, smollm2, tmp_p
     train = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=16, seed=5)
     test = read_sentences(data_dir / "bc5cdr" / "test.jsonl", task=task, limit=10, seed=5)
     loop, full = _run(task, smollm2, tmp_path / "a.sqlite", tmp_path / "a")
-    assert isinstance(loop, FreeALNER)
+    assert loop.kind.name == "ner"
     frame = loop.fit(train, test=test)
     for step in NER_STEPS:
         assert (loop.run_dir / step / "step.json").is_file(), step
@@ -326,7 +326,8 @@ def test_ner_loop_runs_reports_and_resumes_after_a_kill(data_dir, smollm2, tmp_p
     assert "refinery 1" in page and "Entities per type" in page
     after = pd.DataFrame(read_jsonl(loop.run_dir / "round-1/llm/labels.jsonl"))
     slm = pd.DataFrame(read_jsonl(loop.run_dir / "round-0/slm/predictions.jsonl"))
-    pool = {p["index"] for p in read_jsonl(loop.run_dir / "round-0/slm/pool.jsonl")}
+    position = {item_id: i for i, item_id in enumerate(loop.items.ids)}
+    pool = {position[p["id"]] for p in read_jsonl(loop.run_dir / "round-0/feedback/pool.jsonl")}
     before = read_jsonl(loop.run_dir / "round-0/llm/labels.jsonl")
     assert any(before[i]["spans"] for i in pool)
     expected = [(not c or before[i]["spans"] is None) and i not in pool for i, c in enumerate(slm["clean"])]
@@ -375,5 +376,6 @@ loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size:
 def test_initial_round_defaults_to_zero_shot_for_ner_only(data_dir):
     ner = FreeAL(TASK, progress=False)
     classification = FreeAL(load_task(data_dir / "sst2"), progress=False)
-    assert ner.loop.initial_demos == "none" and classification.loop.initial_demos == "generated"
-    assert FreeAL(TASK, loop=LoopConfig(initial_demos="generated")).loop.initial_demos == "generated"
+    assert ner.loop_config.initial_demos == "none"
+    assert classification.loop_config.initial_demos == "generated"
+    assert FreeAL(TASK, loop=LoopConfig(initial_demos="generated")).loop_config.initial_demos == "generated"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from freeal.demos import medoid_pool, nearest_demonstrations, select_clean
+from freeal.demos import nearest_demonstrations
 from freeal.errors import FreeALError
+from freeal.feedback import medoid_pool, select_clean
 from freeal.slm.augment import make_views, token_noise
 from freeal.slm.noise import clean_probability, split_clean
 
@@ -41,11 +42,12 @@ def test_select_clean_takes_lowest_loss_agreeing_items_per_class():
     given = ["a", "a", "a", "a", "b", "b", "b", None]
     predicted = ["a", "a", "b", "a", "b", "b", "b", "a"]
     losses = np.array([0.3, 0.1, 0.0, 0.2, 0.5, 0.4, 0.6, 0.0])
-    chosen = select_clean(given, predicted, losses, fraction=0.5)
+    agree = [g == p for g, p in zip(given, predicted, strict=True)]
+    chosen = select_clean(given, agree, losses, fraction=0.5)
     # class a: quota 2 of 4, item 2 disagrees, lowest agreeing are 1 and 3; class b: quota 2 of 3
     assert chosen.tolist() == [1, 3, 4, 5]
     with pytest.raises(FreeALError, match="clean fraction"):
-        select_clean(given, predicted, losses, fraction=0)
+        select_clean(given, agree, losses, fraction=0)
 
 
 def test_medoid_pool_is_balanced_deterministic_and_made_of_candidates():

@@ -7,8 +7,8 @@ import pytest
 
 from freeal.config import SLMConfig
 from freeal.data import read_items
-from freeal.demos import select_clean
 from freeal.errors import FreeALError
+from freeal.feedback import select_clean
 from freeal.slm.classifier import SLMClassifier
 from freeal.tasks import load_task
 
@@ -42,7 +42,8 @@ def test_gmm_split_separates_injected_noise(sst2_slice, trained):
     assert right[clean].mean() > right.mean() + 0.1
     assert right[~clean].mean() < right.mean()
     predicted = [trained.labels[i] for i in trained.train_proba_.argmax(1)]
-    chosen = select_clean(noisy, predicted, trained.mean_loss_, 0.2)
+    agree = [n == p for n, p in zip(noisy, predicted, strict=True)]
+    chosen = select_clean(noisy, agree, trained.mean_loss_, 0.2)
     assert right[chosen].mean() > 0.9
 
 

@@ -8,56 +8,21 @@ moment it arrives, calling :func:`annotate` again after a kill resumes where the
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import TypeVar
 
 import numpy as np
 import pandas as pd
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from freeal.config import Calibration, LLMConfig
 from freeal.data import Items, read_items
 from freeal.llm.base import LabelScores, log_softmax, softmax
 from freeal.llm.cache import CachedAnnotator
 from freeal.llm.prompts import CONTENT_FREE_INPUTS, classification_prompt
+from freeal.progress import progress_bar
 from freeal.tasks import Task
 
 T = TypeVar("T")
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:  # type: ignore[no-untyped-def]
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.2f} items/s" if speed else "- items/s")
-
-
-def progress_bar(iterable: Iterable[T], total: int, description: str, enabled: bool = True) -> Iterator[T]:
-    """Iterate with a rich progress bar showing count, rate and time left."""
-    if not enabled:
-        yield from iterable
-        return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=False) as progress:
-        task_id = progress.add_task(description, total=total)
-        for item in iterable:
-            yield item
-            progress.advance(task_id)
 
 
 def content_free_offsets(task: Task, annotator: CachedAnnotator) -> list[float]:

@@ -186,8 +186,9 @@ def train(
     """Train the SLM robustly on noisy labels; write predictions, the clean split and demonstrations."""
     from freeal.config import SLMConfig
     from freeal.data import read_items, write_jsonl_atomic, write_text_atomic
-    from freeal.demos import feedback, nearest_demonstrations
+    from freeal.demos import nearest_demonstrations
     from freeal.embed import Embedder
+    from freeal.feedback import feedback
     from freeal.metrics import classification_report
     from freeal.slm.classifier import SLMClassifier
     from freeal.tasks import load_task
@@ -225,7 +226,14 @@ def train(
     embedder = Embedder(device=device)
     vectors = embedder.encode(items.texts)
     fb = feedback(
-        noisy, predicted, slm.mean_loss_, vectors, fraction=clean_fraction, pool_size=pool_size, seed=seed
+        noisy,
+        [g is not None and g == p for g, p in zip(noisy, predicted, strict=True)],
+        ~slm.clean_mask_,
+        slm.mean_loss_,
+        vectors,
+        fraction=clean_fraction,
+        pool_size=pool_size,
+        seed=seed,
     )
     pool = fb.pool_indices
     nearest = nearest_demonstrations(vectors, vectors[pool], [d.label for d in fb.pool], k=k)

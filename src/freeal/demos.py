@@ -1,11 +1,10 @@
-"""Demonstrations: written by the LLM, or the clean set's k-medoids pool; and who sees which.
+"""Demonstrations: written by the LLM for the initial round, and who sees which.
 
-Initial round: the LLM writes demonstrations for each label itself (:func:`generate_demonstrations`).
-Refinery rounds use FreeAL's feedback step. Per class, the items on which the SLM agrees with the
-given label and whose loss is smallest form the clean set; k-medoids (FasterPAM, from the
-``kmedoids`` package) on their embeddings picks a small pool that covers each class; each item to
-label then gets its nearest pool members by cosine similarity, balanced across classes, so the LLM
-sees every label in context.
+Initial round: the LLM writes demonstrations for each label itself (:func:`generate_demonstrations`)
+and checks them (:func:`verify_demonstrations`). Refinery rounds show the feedback step's pool
+(:mod:`freeal.feedback`). Either way each item to label gets its nearest demonstrations by cosine
+similarity, balanced across classes so the LLM sees every label in context, and items are grouped
+so that a group shares its demonstrations (:func:`demonstration_groups`).
 """
 
 from __future__ import annotations
@@ -13,10 +12,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from difflib import SequenceMatcher
 
-import kmedoids
 import numpy as np
 from sklearn.cluster import KMeans
 
@@ -27,65 +25,6 @@ from freeal.llm.prompts import generation_prompt
 from freeal.tasks import Task
 
 _NUMBERED = re.compile(r"^\s*(?:\d+[.):]|[-*•])\s*(.+?)\s*$")
-
-
-@dataclass
-class Demonstration:
-    """A pool member as plain data: item index, its label and its (clean-set) loss."""
-
-    index: int
-    label: str
-    loss: float
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def select_clean(
-    given: Sequence[str | None], predicted: Sequence[str], losses: np.ndarray, fraction: float = 0.2
-) -> np.ndarray:
-    """Indices of the clean set: per class, the lowest-loss ``fraction`` of the class's items, drawn
-    only from items where the SLM's prediction agrees with the given label."""
-    if not 0 < fraction <= 1:
-        raise FreeALError(f"clean fraction must be in (0, 1], got {fraction}")
-    chosen: list[int] = []
-    given_arr = np.asarray([g if g is not None else "" for g in given], dtype=object)
-    agree = np.asarray([g is not None and g == p for g, p in zip(given, predicted, strict=True)])
-    for label in sorted({g for g in given if g is not None}):
-        in_class = given_arr == label
-        quota = math.ceil(fraction * int(in_class.sum()))
-        candidates = np.flatnonzero(in_class & agree)
-        chosen.extend(candidates[np.argsort(losses[candidates], kind="stable")][:quota].tolist())
-    return np.asarray(sorted(chosen), dtype=np.int64)
-
-
-def medoid_pool(
-    embeddings: np.ndarray,
-    labels: Sequence[str],
-    candidates: np.ndarray,
-    losses: np.ndarray,
-    size: int = 100,
-    seed: int = 0,
-) -> list[Demonstration]:
-    """A class-balanced pool of about ``size`` items: per class, the k-medoids of its candidates
-    (cosine distance on unit embeddings); a class with fewer candidates than its share keeps them all."""
-    classes = sorted({labels[i] for i in candidates})
-    if not classes:
-        return []
-    per_class = max(1, size // len(classes))
-    pool: list[Demonstration] = []
-    for label in classes:
-        members = np.asarray([i for i in candidates if labels[i] == label])
-        if len(members) <= per_class:
-            picked = members
-        else:
-            vectors = embeddings[members]
-            distance = np.clip(1.0 - vectors @ vectors.T, 0.0, None).astype(np.float64)
-            np.fill_diagonal(distance, 0.0)
-            result = kmedoids.fasterpam(distance, per_class, random_state=seed, n_cpu=1)
-            picked = members[np.sort(np.asarray(result.medoids))]
-        pool.extend(Demonstration(int(i), label, float(losses[i])) for i in picked)
-    return pool
 
 
 def nearest_demonstrations(
@@ -120,42 +59,15 @@ def nearest_demonstrations(
     return out
 
 
-@dataclass
-class Feedback:
-    """What the SLM hands back to the LLM: the clean set and the demonstration pool drawn from it."""
-
-    clean: np.ndarray
-    pool: list[Demonstration]
-
-    @property
-    def pool_indices(self) -> np.ndarray:
-        return np.asarray([d.index for d in self.pool], dtype=np.int64)
-
-
-def feedback(
-    given: Sequence[str | None],
-    predicted: Sequence[str],
-    losses: np.ndarray,
-    embeddings: np.ndarray,
-    *,
-    fraction: float = 0.2,
-    pool_size: int = 100,
-    seed: int = 0,
-) -> Feedback:
-    """The clean set (:func:`select_clean`) and its k-medoids pool (:func:`medoid_pool`)."""
-    clean = select_clean(given, predicted, losses, fraction)
-    labels = [g if g is not None else "" for g in given]
-    return Feedback(clean, medoid_pool(embeddings, labels, clean, losses, pool_size, seed))
-
-
 # -- the initial round: demonstrations written by the LLM ------------------------------------------
 
 
-def _normal(text: str) -> str:
+def normal_form(text: str) -> str:
+    """Lower case, punctuation dropped, whitespace collapsed: how written texts are compared."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
-def _is_copy(norm: str, shown: Sequence[str]) -> bool:
+def is_copy(norm: str, shown: Sequence[str]) -> bool:
     """Empty, or (nearly) one of the shown style examples: contained in it, containing it, or
     a character-level similarity of 0.8 or more (a copy with a word changed)."""
     return not norm or any(
@@ -207,7 +119,7 @@ def generate_demonstrations(
 
     Each call shows ``style_examples`` unlabeled texts (drawn from ``style_texts`` under ``seed``) and
     asks for ``per_call`` new texts of one label. Texts are kept when non-empty, not a (near) copy of
-    a style example (:func:`_is_copy`), and not a duplicate of a text already kept
+    a style example (:func:`is_copy`), and not a duplicate of a text already kept
     (compared lower-cased without punctuation, across labels too: a text written for two labels is
     ambiguous and kept only for the first). Calls continue until the quota is met or
     ``max_calls_per_label`` (default: twice the calls needed) is spent; a label that ends empty is
@@ -237,11 +149,11 @@ def generate_demonstrations(
                 )
             )
             calls += 1
-            shown_norm = [_normal(t) for t in shown]
+            shown_norm = [normal_form(t) for t in shown]
             for text in parse_generated(answer.text):
                 written += 1
-                norm = _normal(text)
-                if _is_copy(norm, shown_norm):
+                norm = normal_form(text)
+                if is_copy(norm, shown_norm):
                     copies += 1
                 elif norm in seen:
                     duplicates += 1

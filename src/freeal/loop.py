@@ -1,17 +1,22 @@
 """The FreeAL loop: the LLM annotates, the SLM filters, and they alternate.
 
-1. **Initial round.** The LLM writes demonstrations for each label (:mod:`freeal.demos`); every
-   text is labeled with its nearest written demonstrations in the prompt.
-2. **Robust self-training** of the SLM on those labels (:mod:`freeal.slm`): a clean/noisy split.
-3. **Feedback.** The clean set's k-medoids pool becomes the next demonstrations.
-4. **Refinery round.** Only the noisy (and abstained) items go back to the LLM, with their nearest
-   pool demonstrations; clean items keep their labels. Then 2 again, until the rounds are spent or
-   few labels change.
+::
 
-Everything a run produces goes under one folder, one sub-folder per step, and a step is done when
-its ``step.json`` exists (written last, atomically). A run killed at any moment and started again
-skips the finished steps, and inside an unfinished step the LLM cache answers every call already
-made, so no LLM call is paid twice. Gold labels, when given, are used only to score each step.
+    demonstrations      the LLM writes some per label (or none: a zero-shot start)
+    round 0 / llm       every item is labeled, with its nearest demonstrations in the prompt
+    repeat R times:
+      round r / slm     robust self-training of the SLM on the current labels: clean/noisy split
+      round r / feedback  clean set (SLM and LLM agree, lowest loss) -> k-medoids pool; noisy set
+      round r+1 / llm   refinery: only the noisy items are asked again, with their nearest pool members
+    finish              labels.jsonl, report.json, report.html
+
+The loop is the same for every kind of task; what a step means for classification or NER (how
+the LLM is asked, what an answer is, which SLM learns it) comes from the task's
+:class:`~freeal.kinds.base.TaskKind`. Everything a run produces goes under one folder, one
+sub-folder per step; a step is done when its ``step.json`` exists (written last, atomically). A run
+killed at any moment and started again skips the finished steps, and inside an unfinished step the
+LLM cache answers every call already made, so no LLM call is paid twice. Gold labels, when given,
+are used only to score each step.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +34,15 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from freeal.annotate import label_groups
 from freeal.config import LLMConfig, LoopConfig, SLMConfig, cache_root
-from freeal.data import Items, read_items, read_jsonl, write_jsonl_atomic, write_text_atomic
-from freeal.demos import demonstration_groups, feedback, generate_demonstrations, verify_demonstrations
+from freeal.data import read_jsonl, write_jsonl_atomic, write_text_atomic
+from freeal.demos import demonstration_groups
 from freeal.embed import Embedder
 from freeal.errors import FreeALError
+from freeal.feedback import feedback
+from freeal.kinds import kind_of
+from freeal.kinds.base import Answers, Group
 from freeal.llm.cache import CachedAnnotator, Ledger
-from freeal.metrics import classification_report
-from freeal.slm.classifier import SLMClassifier
 from freeal.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -57,36 +62,22 @@ _LLM_NOT_FINGERPRINTED = {
 }
 
 
-def _as_items(texts: Any, gold: Sequence[str | None] | None, task: Task) -> Items:
-    """Any accepted input as :class:`Items` (a DataFrame's ``id`` and ``label`` columns are used)."""
-    if isinstance(texts, Items):
-        return texts if gold is None else replace(texts, gold=list(gold))
-    frame = texts if isinstance(texts, pd.DataFrame) else pd.DataFrame({"text": list(texts)})
-    if gold is not None:
-        frame = frame.assign(label=list(gold))
-    return read_items(
-        frame,
-        id_col="id" if "id" in frame else None,
-        label_col="label" if "label" in frame else None,
-        task=task,
-    )
-
-
 def fingerprint(
     task: Task,
-    items: Items,
+    items: Any,
+    texts: Sequence[str],
     llm: LLMConfig,
     slm: SLMConfig,
     loop: LoopConfig,
     *,
     models: dict[str, str],
 ) -> dict:
-    """Everything that decides a run's labels, as plain data (texts by their hash). ``models``
+    """Everything that decides a run's labels, as plain data (items by their hash). ``models``
     names the annotator, the embedder and the SLM's backbone by what they are (model file, server
     URL actually used, weights), since an injected annotator or a changed folder is not in the
     configs."""
     digest = hashlib.sha256()
-    for item_id, text in zip(items.ids, items.texts, strict=True):
+    for item_id, text in zip(items.ids, texts, strict=True):
         digest.update(f"{item_id}\x00{text}\x01".encode())
     return {
         "task": task.model_dump(),
@@ -109,24 +100,18 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
 
 
 class FreeAL:
-    """Label texts with no human in the loop (scikit-learn style: plain parameters, then ``fit``).
+    """Label texts (or sentences, for NER) with no human in the loop: plain parameters, then ``fit``.
 
-    ``run_dir`` holds every step of the run and makes it resumable; by default a folder under the
-    freeal cache named by the run's fingerprint, so calling ``fit`` again with the same texts and
-    settings resumes or returns the finished run. ``annotator`` and ``embedder`` replace the ones
-    the configs would build (e.g. to share a loaded model between runs).
+    ``llm``, ``slm`` and ``loop`` are the three stages' settings (kept as ``llm_config``,
+    ``slm_config``, ``loop_config``). ``run_dir`` holds every step of the run and makes it
+    resumable; by default a folder under the freeal cache named by the run's fingerprint, so
+    calling ``fit`` again with the same input and settings resumes or returns the finished run.
+    ``annotator`` and ``embedder`` replace the ones the configs would build (e.g. to share a loaded
+    model between runs); they are part of the fingerprint by identity.
 
-    After :meth:`fit`: ``labels_`` (the returned DataFrame), ``slm_`` (the last round's SLM),
-    ``report_`` (per-round numbers, see :mod:`freeal.report`) and ``run_dir``.
+    After :meth:`fit`: ``labels_`` (the returned DataFrame), ``slm_`` (the last round's trained
+    SLM), ``report_`` (per-round numbers, see :mod:`freeal.report`) and ``run_dir``.
     """
-
-    def __new__(cls, task: Task, *args: Any, **kwargs: Any) -> FreeAL:
-        """``FreeAL(task, ...)`` on a ``kind: ner`` task gives the NER loop (same API and run folder)."""
-        if cls is FreeAL and task.kind == "ner":
-            from freeal.ner_loop import FreeALNER
-
-            return super().__new__(FreeALNER)
-        return super().__new__(cls)
 
     def __init__(
         self,
@@ -142,12 +127,13 @@ class FreeAL:
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.task = task
-        self.llm = llm or LLMConfig()
-        self.slm = slm or SLMConfig()
+        self.kind = kind_of(task)
+        self.llm_config = llm or LLMConfig()
+        self.slm_config = slm or SLMConfig()
         loop = loop or LoopConfig()
         if loop.initial_demos == "auto":  # resolved here, so the run's fingerprint names the choice
-            loop = loop.model_copy(update={"initial_demos": "none" if task.kind == "ner" else "generated"})
-        self.loop = loop
+            loop = loop.model_copy(update={"initial_demos": self.kind.initial_demos})
+        self.loop_config = loop
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._annotator = annotator
         self._embedder = embedder
@@ -155,18 +141,26 @@ class FreeAL:
         self.say = say or log.info
 
     # -- entry point ------------------------------------------------------------------------------
-    def fit(
-        self, texts: Any, gold: Sequence[str | None] | None = None, *, test: Items | None = None
-    ) -> pd.DataFrame:
-        """Run (or resume) the loop on ``texts``: a list, a Series, a DataFrame with ``text`` (and
-        ``id``) columns, or :class:`~freeal.data.Items`.
+    def fit(self, data: Any, gold: Sequence[Any] | None = None, *, test: Any = None) -> pd.DataFrame:
+        """Run (or resume) the loop on ``data``.
 
-        ``gold`` (or ``Items.gold``) and ``test`` are used only to score the rounds. Returns one row
-        per text: ``id, text, label, confidence, clean, round_changed, slm_label, slm_confidence``.
+        Classification: a list, a Series, a DataFrame with ``text`` (and ``id``, ``label``)
+        columns, or :class:`~freeal.data.Items`. NER: :class:`~freeal.data.Sentences`, token lists
+        or raw strings. ``gold`` (or the container's gold) and ``test`` (held-out items with gold)
+        are used only to score the rounds. Returns one row per item (see the README).
         """
-        items = self._as_input(texts, gold)
-        self.items, self.gold, self.test = items, items.gold, test
-        spec = fingerprint(self.task, items, self.llm, self.slm, self.loop, models=self._model_identities())
+        self.items = self.kind.read(data, gold)
+        self.gold, self.test = self.items.gold, test
+        texts = self.kind.texts(self.items)
+        spec = fingerprint(
+            self.task,
+            self.items,
+            texts,
+            self.llm_config,
+            self.slm_config,
+            self.loop_config,
+            models=self._model_identities(),
+        )
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         self.run_dir = self.run_dir or cache_root() / "runs" / f"{self.task.name}-{key}"
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,59 +174,55 @@ class FreeAL:
             ) from None
         try:
             self._claim(spec)
+            self.vectors = self.embedder.encode(texts)
             return self._run()
         finally:
             lock.release()
 
     def _run(self) -> pd.DataFrame:
-        """The algorithm, step by step; each step is skipped when its ``step.json`` exists."""
-        self.vectors = self.embedder.encode(self.items.texts)
-        if self.loop.zero_shot_baseline:
+        """The algorithm box of the paper, step by step; a step whose ``step.json`` exists is skipped."""
+        cfg = self.loop_config
+        if cfg.zero_shot_baseline:
             self._step("zero-shot", self._zero_shot)
-        if self.loop.initial_demos == "generated":
-            self._step("demos", self._write_demos)
+        if cfg.initial_demos == "generated":
+            self._step("demos", self._write_demonstrations)
         self._step("round-0/llm", self._initial_round)
         self._step("round-0/slm", lambda: self._train(0))
         last = 0
-        for r in range(1, self.loop.refinery_rounds + 1):
-            if r > 1 and self._summary(f"round-{r - 1}/llm")["changed_share"] < self.loop.min_change:
+        for r in range(1, cfg.refinery_rounds + 1):
+            if r > 1 and self._summary(f"round-{r - 1}/llm")["changed_share"] < cfg.min_change:
                 self.say(f"labels settled after round {r - 1}: stopping")
                 break
+            self._step(f"round-{r - 1}/feedback", lambda r=r: self._feedback(r - 1))
             self._step(f"round-{r}/llm", lambda r=r: self._refine(r))
             self._step(f"round-{r}/slm", lambda r=r: self._train(r))
             last = r
         return self._finish(last)
+
+    # -- the parts the configs build ---------------------------------------------------------------
+    @property
+    def annotator(self) -> CachedAnnotator:
+        if self._annotator is None:
+            from freeal.llm import make_annotator
+
+            self._annotator = make_annotator(self.llm_config)
+        return self._annotator
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder(device=self.slm_config.device)
+        return self._embedder
 
     def _model_identities(self) -> dict[str, str]:
         from freeal.embed import encoder_path, weights_identity
         from freeal.llm import annotator_identity
 
         return {
-            "annotator": self._annotator.identity if self._annotator else annotator_identity(self.llm),
+            "annotator": self._annotator.identity if self._annotator else annotator_identity(self.llm_config),
             "embedder": self.embedder.identity,
-            "backbone": weights_identity(encoder_path(self.slm.backbone)),
+            "backbone": weights_identity(encoder_path(self.slm_config.backbone)),
         }
-
-    def _as_input(self, texts: Any, gold: Sequence[str | None] | None) -> Any:
-        return _as_items(texts, gold, self.task)
-
-    def _item_rows(self) -> list[dict]:
-        """What ``items.jsonl`` keeps of the input (the run folder then holds everything labeled)."""
-        return [{"id": i, "text": t} for i, t in zip(self.items.ids, self.items.texts, strict=True)]
-
-    @property
-    def annotator(self) -> CachedAnnotator:
-        if self._annotator is None:
-            from freeal.llm import make_annotator
-
-            self._annotator = make_annotator(self.llm)
-        return self._annotator
-
-    @property
-    def embedder(self) -> Embedder:
-        if self._embedder is None:
-            self._embedder = Embedder(device=self.slm.device)
-        return self._embedder
 
     # -- run folder -------------------------------------------------------------------------------
     def _claim(self, spec: dict) -> None:
@@ -255,10 +245,10 @@ class FreeAL:
             # run.json first: a kill before the next write leaves a folder that resumes
             write_text_atomic(marker, json.dumps(spec, indent=2))
         if not (self.run_dir / "items.jsonl").is_file():
-            write_jsonl_atomic(self.run_dir / "items.jsonl", self._item_rows())
+            write_jsonl_atomic(self.run_dir / "items.jsonl", self.kind.item_rows(self.items))
 
     def _step(self, name: str, compute: Callable[[], dict]) -> dict:
-        done = self.run_dir / name / "step.json"  # type: ignore[operator]
+        done = self._path(name) / "step.json"
         if done.is_file():
             return json.loads(done.read_text())
         self.say(f"step {name}")
@@ -272,105 +262,43 @@ class FreeAL:
         return result
 
     def _summary(self, name: str) -> dict:
-        return json.loads((self.run_dir / name / "step.json").read_text())  # type: ignore[operator]
+        return json.loads((self._path(name) / "step.json").read_text())
 
     def _path(self, name: str) -> Path:
-        return self.run_dir / name  # type: ignore[operator]
+        assert self.run_dir is not None
+        return self.run_dir / name
+
+    def _rows(self, name: str) -> list[dict]:
+        return read_jsonl(self._path(name) / "labels.jsonl")
+
+    def _answers(self, name: str) -> list[Any]:
+        return [r[self.kind.answer_key] for r in self._rows(name)]
 
     # -- scoring (gold only) ----------------------------------------------------------------------
-    def _score(self, labels: Sequence[str | None]) -> dict | None:
-        if self.gold is None:
-            return None
-        return classification_report(self.gold, labels, self.task.label_names)
+    def _score(self, answers: Sequence[Any]) -> dict | None:
+        return None if self.gold is None else self.kind.score(self.gold, answers)
+
+    def _right(self, answers: Sequence[Any]) -> np.ndarray:
+        assert self.gold is not None
+        return np.asarray([self.kind.right(g, a) for g, a in zip(self.gold, answers, strict=True)])
 
     # -- LLM steps --------------------------------------------------------------------------------
-    def _labels_file(self, name: str) -> pd.DataFrame:
-        frame = pd.DataFrame(read_jsonl(self._path(name) / "labels.jsonl"))
-        frame["label"] = frame["label"].astype(object).where(frame["label"].notna(), None)
-        return frame
-
-    def _write_round(
-        self,
-        name: str,
-        frame: pd.DataFrame,
-        groups: list[tuple[np.ndarray, list[tuple[str, str]]]],
-        offsets: list[list[float] | None],
-    ) -> None:
-        out = frame.assign(id=self.items.ids)[
-            ["id", "label", "confidence", "probs", "log_scores", "asked", "changed", "round_changed"]
-        ]
-        write_jsonl_atomic(self._path(name) / "labels.jsonl", out.to_dict("records"))
-        write_jsonl_atomic(
-            self._path(name) / "groups.jsonl",
-            [
-                {
-                    "items": [self.items.ids[i] for i in members],
-                    "demonstrations": [{"text": t, "label": lab} for t, lab in demos],
-                    "offsets": found,
-                }
-                for (members, demos), found in zip(groups, offsets, strict=True)
-            ],
-        )
-
-    def _label(self, groups: list, calibrate: str, description: str) -> pd.DataFrame:
-        return label_groups(
-            self.task,
-            self.items.texts,
-            self.annotator,
-            groups,
-            calibrate=calibrate,  # type: ignore[arg-type]
-            progress=self.progress,
-            description=description,
-        )
-
-    def _zero_shot(self) -> dict:
-        groups = [(np.arange(len(self.items)), [])]
-        frame = self._label(groups, self.llm.calibrate, "zero-shot")
-        offsets, calibrated = frame.attrs["group_offsets"], frame.attrs["calibrated"]
-        frame = frame.assign(changed=False, round_changed=None)
-        self._write_round("zero-shot", frame, groups, offsets)
-        return {
-            "calibrated": calibrated,
-            "asked": len(frame),
-            "metrics": self._score(frame["label"]),
-        }
-
-    def _write_demos(self) -> dict:
-        cfg = self.loop
-        demos, report = generate_demonstrations(
-            self.task,
-            self.annotator,
-            self.items.texts,
-            per_label=cfg.demos_per_label,
-            per_call=cfg.demos_per_call,
-            style_examples=cfg.style_examples,
-            temperature=cfg.generation_temperature,
-            max_calls_per_label=cfg.max_calls_per_label,
-            seed=cfg.seed,
-        )
-        self.say(f"wrote {report.kept} demonstrations ({report.per_label}) in {report.calls} LLM calls")
-        result = asdict(report)
-        if cfg.verify_demos:
-            demos, result["verified_per_label"] = verify_demonstrations(
-                self.task, self.annotator, demos, calibrate=self.llm.calibrate
-            )
-            result["verified"] = len(demos)
-            self.say(f"kept {len(demos)} that the LLM labels as intended ({result['verified_per_label']})")
-        write_jsonl_atomic(
-            self._path("demos") / "demos.jsonl", [{"text": t, "label": lab} for t, lab in demos]
-        )
-        return result
-
-    def _groups(
-        self, ask: np.ndarray, demos: list, demo_vectors: np.ndarray, labels: list[str] | None = None
-    ) -> list:
-        """Items to ask with the demonstrations each group shares (``labels``: the demonstrations'
-        classes for balancing; by default their second field)."""
-        cfg = self.loop
+    def _groups(self, ask: np.ndarray, demos: list[dict], vectors: np.ndarray | None = None) -> list[Group]:
+        """Items to ask, grouped, each group with the demonstrations nearest its centroid (or each
+        item with its own ``k`` nearest, ``group_size: null``), balanced over the demonstrations'
+        signatures. ``vectors``: the demonstrations' embeddings (default: embed their texts)."""
+        if not len(ask):
+            return []
+        if not demos:
+            return [(ask, [])]
+        cfg = self.loop_config
+        if vectors is None:
+            vectors = self.embedder.encode([self.kind.demo_text(d) for d in demos])
+        signatures = [self.kind.signature(d[self.kind.answer_key]) or "none" for d in demos]
         found = demonstration_groups(
             self.vectors[ask],
-            demo_vectors,
-            labels if labels is not None else [lab for _, lab in demos],
+            vectors,
+            signatures,
             k=cfg.k,
             balanced=cfg.balanced,
             group_size=cfg.group_size,
@@ -378,192 +306,207 @@ class FreeAL:
         )
         return [(ask[members], [demos[j] for j in picked]) for members, picked in found]
 
+    def _write_round(self, name: str, rows: list[dict], groups: list[Group], notes: list[dict]) -> None:
+        write_jsonl_atomic(self._path(name) / "labels.jsonl", rows)
+        write_jsonl_atomic(
+            self._path(name) / "groups.jsonl",
+            [
+                {"items": [self.items.ids[i] for i in members], "demonstrations": demos, **note}
+                for (members, demos), note in zip(groups, notes or [{}] * len(groups), strict=True)
+            ],
+        )
+
+    def _ask(self, groups: list[Group], calibrate: str, description: str) -> Answers:
+        return self.kind.ask(
+            self.annotator,
+            self.items,
+            groups,
+            calibrate=calibrate,  # type: ignore[arg-type]
+            progress=self.progress,
+            description=description,
+        )
+
+    def _first_pass(self, name: str, groups: list[Group], round_changed: int | None) -> dict:
+        """A pass that asks every item (the zero-shot baseline, the initial round)."""
+        fresh = self._ask(
+            groups, self.llm_config.calibrate, "zero-shot" if round_changed is None else "round 0"
+        )
+        rows = [
+            {
+                "id": self.items.ids[i],
+                self.kind.answer_key: fresh.values[i],
+                **{col: values[i] for col, values in fresh.columns.items()},
+                "asked": bool(fresh.asked[i]),
+                "changed": False,
+                "round_changed": round_changed,
+            }
+            for i in range(len(self.items))
+        ]
+        self._write_round(name, rows, groups, fresh.group_notes)
+        return {"asked": int(fresh.asked.sum()), **fresh.stats, "metrics": self._score(fresh.values)}
+
+    def _zero_shot(self) -> dict:
+        return self._first_pass("zero-shot", [(np.arange(len(self.items)), [])], None)
+
+    def _write_demonstrations(self) -> dict:
+        demos, result = self.kind.write_demonstrations(
+            self.annotator, self.items, self.loop_config, self.llm_config.calibrate, self.progress, self.say
+        )
+        write_jsonl_atomic(self._path("demos") / "demos.jsonl", demos)
+        return result
+
     def _initial_round(self) -> dict:
-        if self.loop.initial_demos == "generated":
-            demos = [(r["text"], r["label"]) for r in read_jsonl(self._path("demos") / "demos.jsonl")]
-            vectors = self.embedder.encode([t for t, _ in demos])
-            groups = self._groups(np.arange(len(self.items)), demos, vectors)
-        else:
-            groups = [(np.arange(len(self.items)), [])]
-        frame = self._label(groups, self.llm.calibrate, "round 0")
-        offsets, calibrated = frame.attrs["group_offsets"], frame.attrs["calibrated"]
-        frame = frame.assign(changed=False, round_changed=0)
-        self._write_round("round-0/llm", frame, groups, offsets)
-        return {
-            "round": 0,
-            "calibrated": calibrated,
-            "asked": len(frame),
-            "groups": len(groups),
-            "changed_share": 1.0,
-            "metrics": self._score(frame["label"]),
-        }
+        everything = np.arange(len(self.items))
+        demos = (
+            read_jsonl(self._path("demos") / "demos.jsonl")
+            if self.loop_config.initial_demos == "generated"
+            else []
+        )
+        groups = self._groups(everything, demos)
+        result = self._first_pass("round-0/llm", groups, 0)
+        return {"round": 0, **result, "groups": len(groups), "changed_share": 1.0}
 
     def _refine(self, r: int) -> dict:
-        previous = self._labels_file(f"round-{r - 1}/llm")
-        slm = pd.DataFrame(read_jsonl(self._path(f"round-{r - 1}/slm") / "predictions.jsonl"))
-        pool = read_jsonl(self._path(f"round-{r - 1}/slm") / "pool.jsonl")
-        pool_idx = np.asarray([p["index"] for p in pool], dtype=np.int64)
-        labels = previous["label"].tolist()
-        noisy = ~slm["clean"].to_numpy(bool) | previous["label"].isna().to_numpy()
-        noisy[pool_idx] = False  # pool members are shown as demonstrations; their labels stand
-        ask = np.flatnonzero(noisy)
-        demos = [(self.items.texts[p["index"]], p["label"]) for p in pool]
-        groups = self._groups(ask, demos, self.vectors[pool_idx]) if len(ask) else []
+        previous = self._rows(f"round-{r - 1}/llm")
+        where = {item_id: i for i, item_id in enumerate(self.items.ids)}
+        folder = self._path(f"round-{r - 1}/feedback")
+        ask = np.asarray([where[row["id"]] for row in read_jsonl(folder / "noisy.jsonl")], dtype=np.int64)
+        members = read_jsonl(folder / "pool.jsonl")
+        pool = [{k: v for k, v in p.items() if k not in ("id", "loss")} for p in members]
+        at = np.asarray([where[p["id"]] for p in members], dtype=np.int64)
+        groups = self._groups(ask, pool, self.vectors[at])  # pool members are items: reuse their vectors
         # Calibrate as the initial round decided: the noisy items alone are a skewed sample.
-        calibrate = self.llm.calibrate
+        calibrate = self.llm_config.calibrate
         if calibrate == "auto":
-            calibrate = "on" if self._summary("round-0/llm")["calibrated"] else "off"
-        fresh = self._label(groups, calibrate, f"round {r}")
-        asked = fresh["asked"].to_numpy(bool)
-        if self.loop.refined_label == "combined":
-            fresh = _combine(previous, fresh, self.task.label_names)
-        # An abstention (no label could be had) never erases the label the text already has.
-        answered = asked & fresh["label"].notna().to_numpy()
-        frame = previous.copy()
-        for col in ("label", "confidence", "probs", "log_scores"):
-            frame[col] = [f if a else p for f, p, a in zip(fresh[col], previous[col], answered, strict=True)]
-        frame["asked"] = asked
-        frame["changed"] = [a and f != p for f, p, a in zip(frame["label"], labels, asked, strict=True)]
-        frame["round_changed"] = [
-            r if c else rc for c, rc in zip(frame["changed"], previous["round_changed"], strict=True)
-        ]
-        self._write_round(f"round-{r}/llm", frame, groups, fresh.attrs["group_offsets"])
+            calibrate = "on" if self._summary("round-0/llm").get("calibrated") else "off"
+        fresh = self._ask(groups, calibrate, f"round {r}")
+        merged = self.kind.merge(previous, fresh, self.loop_config.refined_label)
+        key = self.kind.answer_key
+        rows = []
+        for i, (old, new) in enumerate(zip(previous, merged, strict=True)):
+            changed = bool(fresh.asked[i] and new[key] != old[key])
+            rows.append(
+                {
+                    **old,
+                    **new,
+                    "asked": bool(fresh.asked[i]),
+                    "changed": changed,
+                    "round_changed": r if changed else old["round_changed"],
+                }
+            )
+        self._write_round(f"round-{r}/llm", rows, groups, fresh.group_notes)
+        answers = [row[key] for row in rows]
         result = {
             "round": r,
             "calibrated": calibrate == "on",
-            "asked": int(asked.sum()),
+            "asked": int(fresh.asked.sum()),
             "groups": len(groups),
-            "changed": int(frame["changed"].sum()),
-            "changed_share": float(frame["changed"].mean()),
-            "metrics": self._score(frame["label"]),
+            "changed": sum(row["changed"] for row in rows),
+            "changed_share": float(np.mean([row["changed"] for row in rows])),
+            **fresh.stats,
+            "metrics": self._score(answers),
         }
         if self.gold is not None:
-            right_before = [g == p for g, p in zip(self.gold, labels, strict=True)]
-            right_after = [g == p for g, p in zip(self.gold, frame["label"], strict=True)]
-            result["fixed"] = int(sum(a and not b for a, b in zip(right_after, right_before, strict=True)))
-            result["broken"] = int(sum(b and not a for a, b in zip(right_after, right_before, strict=True)))
-            result["asked_accuracy_before"] = (
-                float(np.mean([right_before[i] for i in ask])) if len(ask) else None
-            )
+            before, after = self._right([row[key] for row in previous]), self._right(answers)
+            result["fixed"] = int((after & ~before).sum())
+            result["broken"] = int((before & ~after).sum())
+            result["asked_accuracy_before"] = float(before[ask].mean()) if len(ask) else None
         return result
 
-    # -- SLM step ---------------------------------------------------------------------------------
+    # -- SLM step and feedback --------------------------------------------------------------------
     def _train(self, r: int) -> dict:
-        labels = self._labels_file(f"round-{r}/llm")["label"].tolist()
+        answers = self._answers(f"round-{r}/llm")
 
         def show(entry: dict) -> None:
             self.say(
-                f"  SLM epoch {entry['epoch']}/{self.slm.epochs}: loss {entry['loss']:.4f}, "
+                f"  SLM epoch {entry['epoch']}/{self.slm_config.epochs}: loss {entry['loss']:.4f}, "
                 f"clean {entry['clean_fraction']:.3f}, {entry['seconds']:.1f} s"
             )
 
-        model = SLMClassifier(self.task.label_names, self.slm).fit(self.items.texts, labels, on_epoch=show)
+        fit = self.kind.train(self.items, answers, self.slm_config, show)
         folder = self._path(f"round-{r}/slm")
-        model.save(folder / "model")
-        names = self.task.label_names
-        predicted = [names[i] for i in model.train_proba_.argmax(1)]
-        fb = feedback(
-            labels,
-            predicted,
-            model.mean_loss_,
-            self.vectors,
-            fraction=self.loop.clean_fraction,
-            pool_size=self.loop.pool_size,
-            seed=self.loop.seed,
-        )
-        result = self._write_slm_step(r, model, predicted, model.train_proba_.max(1), fb)
-        if self.gold is not None:
-            result["transductive"] = classification_report(self.gold, predicted, names)
-            clean = np.flatnonzero(model.clean_mask_)
-            result["clean_precision"] = (
-                float(np.mean([labels[i] == self.gold[i] for i in clean])) if len(clean) else None
-            )
-            noisy = np.flatnonzero(~model.clean_mask_)
-            result["noisy_precision"] = (
-                float(np.mean([labels[i] == self.gold[i] for i in noisy])) if len(noisy) else None
-            )
-        if self.test is not None and self.test.gold is not None:
-            result["inductive"] = classification_report(self.test.gold, model.predict(self.test.texts), names)
-        return result
-
-    def _write_slm_step(self, r: int, model: Any, predicted: list, confidence: np.ndarray, fb: Any) -> dict:
-        """The SLM step's files (per-item predictions with clean flags, the pool) and its summary;
-        shared by the classification and NER loops (``model`` has ``clean_mask_``, ``clean_prob_``,
-        ``mean_loss_`` and ``epoch_log``)."""
-        folder = self._path(f"round-{r}/slm")
+        fit.model.save(folder / "model")
         write_jsonl_atomic(
             folder / "predictions.jsonl",
             [
                 {
                     "id": self.items.ids[i],
-                    "predicted": predicted[i],
-                    "confidence": float(confidence[i]),
-                    "clean": bool(model.clean_mask_[i]),
-                    "clean_prob": float(model.clean_prob_[i]),
-                    "mean_loss": None if np.isnan(model.mean_loss_[i]) else float(model.mean_loss_[i]),
+                    "predicted": fit.predicted[i],
+                    "confidence": float(fit.confidence[i]),
+                    "agree": bool(fit.agree[i]),
+                    "clean": bool(fit.clean[i]),
+                    "clean_prob": float(fit.clean_prob[i]),
+                    "mean_loss": None if np.isnan(fit.mean_loss[i]) else float(fit.mean_loss[i]),
                 }
                 for i in range(len(self.items))
             ],
         )
-        write_jsonl_atomic(
-            folder / "pool.jsonl", [{"id": self.items.ids[d.index], **d.to_json()} for d in fb.pool]
+        result: dict = {"round": r, "epochs": fit.epoch_log, "noisy_share": float(1 - fit.clean.mean())}
+        if self.gold is not None:
+            result["transductive"] = self.kind.score(self.gold, fit.predicted)
+            right = self._right(answers)
+            for name, mask in (("clean", fit.clean), ("noisy", ~fit.clean)):
+                result[f"{name}_precision"] = float(right[mask].mean()) if mask.any() else None
+        if self.test is not None and self.test.gold is not None:
+            result["inductive"] = self.kind.score(self.test.gold, self.kind.predict(fit.model, self.test))
+        return result
+
+    def _feedback(self, r: int) -> dict:
+        """The clean set, its demonstration pool and the noisy set, written by item id."""
+        cfg = self.loop_config
+        answers = self._answers(f"round-{r}/llm")
+        fit = read_jsonl(self._path(f"round-{r}/slm") / "predictions.jsonl")
+        signatures = [self.kind.signature(a) for a in answers]
+        losses = np.asarray([np.nan if p["mean_loss"] is None else p["mean_loss"] for p in fit])
+        found = feedback(
+            signatures,
+            [p["agree"] for p in fit],
+            [not p["clean"] for p in fit],
+            losses,
+            self.vectors,
+            fraction=cfg.clean_fraction,
+            pool_size=cfg.pool_size,
+            seed=cfg.seed,
         )
-        return {
-            "round": r,
-            "epochs": model.epoch_log,
-            "noisy_share": float(1 - model.clean_mask_.mean()),
-            "clean_set": len(fb.clean),
-            "pool": len(fb.pool),
-        }
+        pool = [
+            {
+                "id": self.items.ids[d.index],
+                **self.kind.demonstration(self.items, d.index, answers[d.index]),
+                "loss": d.loss,
+            }
+            for d in found.pool
+        ]
+        noisy = found.noisy
+        result: dict = {"round": r, "clean_set": len(found.clean), "pool": len(pool)}
+        problem = self.kind.pool_problem(pool)
+        if problem:
+            self.say(f"round {r + 1}: {problem}; labels kept as they are")
+            noisy = np.zeros(0, dtype=np.int64)
+            result["skipped"] = problem
+        result["noisy"] = len(noisy)
+        folder = self._path(f"round-{r}/feedback")
+        write_jsonl_atomic(folder / "clean.jsonl", [{"id": self.items.ids[i]} for i in found.clean])
+        write_jsonl_atomic(folder / "pool.jsonl", pool)
+        write_jsonl_atomic(folder / "noisy.jsonl", [{"id": self.items.ids[i]} for i in noisy])
+        if self.gold is not None:
+            right = self._right(answers)
+            result["clean_set_precision"] = float(right[found.clean].mean()) if len(found.clean) else None
+        return result
 
     # -- the end ----------------------------------------------------------------------------------
     def _finish(self, last: int) -> pd.DataFrame:
-        from freeal.report import collect
+        from freeal.report import collect, write_html
 
-        labels = self._labels_file(f"round-{last}/llm")
-        slm = pd.DataFrame(read_jsonl(self._path(f"round-{last}/slm") / "predictions.jsonl"))
-        frame = pd.DataFrame(
-            {
-                "id": self.items.ids,
-                "text": self.items.texts,
-                "label": labels["label"],
-                "confidence": labels["confidence"],
-                "clean": slm["clean"].astype(bool),
-                "round_changed": labels["round_changed"],
-                "slm_label": slm["predicted"],
-                "slm_confidence": slm["confidence"],
-            }
-        )
+        rows = self._rows(f"round-{last}/llm")
+        fit_rows = read_jsonl(self._path(f"round-{last}/slm") / "predictions.jsonl")
+        frame = pd.DataFrame({"id": self.items.ids, **self.kind.output(self.items, rows, fit_rows)})
         write_jsonl_atomic(self._path("labels.jsonl"), frame.to_dict("records"))
-        self.report_ = collect(self.run_dir)  # type: ignore[arg-type]
-        self._write_report()
-        self.slm_ = SLMClassifier.load(self._path(f"round-{last}/slm") / "model", device=self.slm.device)
-        self.labels_ = frame
-        return frame
-
-    def _write_report(self) -> None:
-        from freeal.report import write_html
-
+        self.report_ = collect(self._path(""))
         write_text_atomic(self._path("report.json"), json.dumps(self.report_, indent=2, default=_plain))
         write_html(self.report_, self._path("report.html"))
-
-
-def _combine(previous: pd.DataFrame, fresh: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
-    """The refinery answers merged with the earlier ones: label and confidence from the normalized
-    product of the two answers' probabilities (the raw ``log_scores`` stay the new answer's). Where
-    either answer has no probabilities (an abstention, a parsed answer) the new answer stands."""
-    out = fresh.copy()
-    for i in np.flatnonzero(fresh["asked"].to_numpy(bool)):
-        old, new = previous["probs"].iloc[i], fresh["probs"].iloc[i]
-        if not isinstance(old, dict) or not isinstance(new, dict):
-            continue
-        joint = np.asarray([old[n] * new[n] for n in names], dtype=np.float64)
-        joint = joint / joint.sum() if joint.sum() > 0 else np.full(len(names), 1 / len(names))
-        best = int(np.argmax(joint))
-        out.at[out.index[i], "label"] = names[best]
-        out.at[out.index[i], "confidence"] = float(joint[best])
-        out.at[out.index[i], "probs"] = dict(zip(names, joint.tolist(), strict=True))
-    return out
+        self.slm_ = self.kind.load_model(self._path(f"round-{last}/slm") / "model", self.slm_config.device)
+        self.labels_ = frame
+        return frame
 
 
 def _plain(value: Any) -> Any:

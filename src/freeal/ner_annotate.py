@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from freeal.annotate import progress_bar
-from freeal.demos import _is_copy, _normal
+from freeal.demos import is_copy, normal_form
 from freeal.errors import FreeALError
 from freeal.llm.base import Generation, Message
 from freeal.llm.cache import CachedAnnotator
@@ -33,6 +32,7 @@ from freeal.ner import (
     render,
     tokenize,
 )
+from freeal.progress import progress_bar
 from freeal.tasks import Task
 
 #: A demonstration: a sentence's tokens and its entity spans.
@@ -236,10 +236,10 @@ def generate_ner_demonstrations(
             report.written += len(demos) + unreadable + unaligned
             report.unreadable += unreadable
             report.unaligned += unaligned
-            shown_norm = [_normal(t) for t in shown]
+            shown_norm = [normal_form(t) for t in shown]
             for tokens, spans in demos:
-                norm = _normal(render(tokens))
-                if _is_copy(norm, shown_norm):
+                norm = normal_form(render(tokens))
+                if is_copy(norm, shown_norm):
                     report.copies += 1
                 elif norm in seen:
                     report.duplicates += 1

@@ -22,20 +22,27 @@ def _read(path: Path) -> dict | None:
 
 
 def collect(run_dir: str | Path) -> dict:
-    """Per-round numbers of a run folder: the demonstrations step, each round's LLM and SLM steps,
-    the zero-shot baseline when it was run, and totals."""
+    """Per-round numbers of a run folder: the demonstrations step, each round's LLM, SLM and
+    feedback steps, the zero-shot baseline when it was run, and totals."""
     run_dir = Path(run_dir)
     rounds = []
     r = 0
     while (llm := _read(run_dir / f"round-{r}/llm/step.json")) is not None:
-        rounds.append({"round": r, "llm": llm, "slm": _read(run_dir / f"round-{r}/slm/step.json")})
+        rounds.append(
+            {
+                "round": r,
+                "llm": llm,
+                "slm": _read(run_dir / f"round-{r}/slm/step.json"),
+                "feedback": _read(run_dir / f"round-{r}/feedback/step.json"),
+            }
+        )
         r += 1
     steps = [
         s
         for s in (
             _read(run_dir / "zero-shot/step.json"),
             _read(run_dir / "demos/step.json"),
-            *(x for rd in rounds for x in (rd["llm"], rd["slm"])),
+            *(x for rd in rounds for x in (rd["llm"], rd["slm"], rd["feedback"])),
         )
         if s
     ]

@@ -25,6 +25,7 @@ from freeal.data import write_text_atomic
 from freeal.embed import Embedder, encoder_path, torch_device
 from freeal.errors import FreeALError
 from freeal.slm.augment import make_views
+from freeal.slm.losses import symmetric_kl
 from freeal.slm.noise import split_clean
 
 log = logging.getLogger(__name__)
@@ -51,21 +52,6 @@ class _Net(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden_states(batch))
-
-
-def _sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
-    p = p ** (1.0 / temperature)
-    return p / p.sum(dim=1, keepdim=True)
-
-
-def _symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL from each view's sharpened (detached) prediction to the other view's prediction, averaged."""
-    log_a, log_b = F.log_softmax(logits_a, 1), F.log_softmax(logits_b, 1)
-    target_a = _sharpen(log_a.exp().detach(), temperature)
-    target_b = _sharpen(log_b.exp().detach(), temperature)
-    return 0.5 * (
-        F.kl_div(log_b, target_a, reduction="batchmean") + F.kl_div(log_a, target_b, reduction="batchmean")
-    )
 
 
 class SLMClassifier:
@@ -262,7 +248,7 @@ class SLMClassifier:
                     loss = loss + ramp * cfg.mixup_weight * mix
                     sums["mixup"] += mix.item()
             if ramp > 0 and len(n_idx) and cfg.lambda_u > 0:
-                cons = _symmetric_kl(
+                cons = symmetric_kl(
                     self.net(self._batch(source, n_idx)),
                     self.net(self._batch(view, n_idx)),
                     cfg.sharpen_temperature,

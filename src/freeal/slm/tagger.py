@@ -34,7 +34,7 @@ from freeal.data import write_text_atomic
 from freeal.embed import encoder_path, torch_device
 from freeal.errors import FreeALError
 from freeal.ner import tag_names
-from freeal.slm.classifier import _symmetric_kl
+from freeal.slm.losses import symmetric_kl
 from freeal.slm.noise import split_clean
 
 
@@ -236,7 +236,7 @@ class SLMTagger:
             if ramp > 0 and cfg.lambda_u > 0 and noisy:
                 mask = batch["attention_mask"][noisy].bool()
                 again = self.net({k: v[noisy] for k, v in batch.items()})
-                cons = _symmetric_kl(logits[noisy][mask], again[mask], cfg.sharpen_temperature)
+                cons = symmetric_kl(logits[noisy][mask], again[mask], cfg.sharpen_temperature)
                 loss = loss + ramp * cfg.lambda_u * cons
                 sums["consistency"] += cons.item()
             if loss.requires_grad:

@@ -1,0 +1,114 @@
+"""FreeAL's feedback step: what the SLM hands back to the LLM.
+
+Per class (an answer's *signature*: its label, or for NER the set of types a sentence holds), the
+items on which the SLM reproduces the LLM's answer and whose loss averaged over epochs is smallest
+form the **clean set**; k-medoids (FasterPAM, from the ``kmedoids`` package) on their embeddings
+picks a small, diverse, class-balanced **pool** of demonstrations from it; every other item the SLM
+flags as noisy (or the LLM left unanswered) is the **noisy set** that refinery asks again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import kmedoids
+import numpy as np
+
+from freeal.errors import FreeALError
+
+
+@dataclass
+class Demonstration:
+    """A pool member as plain data: item position, its signature and its (clean-set) loss."""
+
+    index: int
+    label: str
+    loss: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def select_clean(
+    signatures: Sequence[str | None], agree: Sequence[bool], losses: np.ndarray, fraction: float = 0.2
+) -> np.ndarray:
+    """Positions of the clean set: per signature, the lowest-loss ``fraction`` of its items, drawn
+    only from items where the SLM agrees with the LLM's answer (``None``: no answer, never clean)."""
+    if not 0 < fraction <= 1:
+        raise FreeALError(f"clean fraction must be in (0, 1], got {fraction}")
+    chosen: list[int] = []
+    given = np.asarray([g if g is not None else "" for g in signatures], dtype=object)
+    agreed = np.asarray(agree, dtype=bool) & np.asarray([g is not None for g in signatures])
+    losses = np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=np.inf)
+    for label in sorted({g for g in signatures if g is not None}):
+        in_class = given == label
+        quota = math.ceil(fraction * int(in_class.sum()))
+        candidates = np.flatnonzero(in_class & agreed)
+        chosen.extend(candidates[np.argsort(losses[candidates], kind="stable")][:quota].tolist())
+    return np.asarray(sorted(chosen), dtype=np.int64)
+
+
+def medoid_pool(
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    candidates: np.ndarray,
+    losses: np.ndarray,
+    size: int = 100,
+    seed: int = 0,
+) -> list[Demonstration]:
+    """A class-balanced pool of about ``size`` items: per class, the k-medoids of its candidates
+    (cosine distance on unit embeddings); a class with fewer candidates than its share keeps them all."""
+    classes = sorted({labels[i] for i in candidates})
+    if not classes:
+        return []
+    per_class = max(1, size // len(classes))
+    pool: list[Demonstration] = []
+    for label in classes:
+        members = np.asarray([i for i in candidates if labels[i] == label])
+        if len(members) <= per_class:
+            picked = members
+        else:
+            vectors = embeddings[members]
+            distance = np.clip(1.0 - vectors @ vectors.T, 0.0, None).astype(np.float64)
+            np.fill_diagonal(distance, 0.0)
+            result = kmedoids.fasterpam(distance, per_class, random_state=seed, n_cpu=1)
+            picked = members[np.sort(np.asarray(result.medoids))]
+        pool.extend(Demonstration(int(i), label, float(losses[i])) for i in picked)
+    return pool
+
+
+@dataclass
+class Feedback:
+    """The clean set, its demonstration pool, and the noisy set to ask again (positions)."""
+
+    clean: np.ndarray
+    pool: list[Demonstration]
+    noisy: np.ndarray
+
+    @property
+    def pool_indices(self) -> np.ndarray:
+        return np.asarray([d.index for d in self.pool], dtype=np.int64)
+
+
+def feedback(
+    signatures: Sequence[str | None],
+    agree: Sequence[bool],
+    noisy: Sequence[bool],
+    losses: np.ndarray,
+    embeddings: np.ndarray,
+    *,
+    fraction: float = 0.2,
+    pool_size: int = 100,
+    seed: int = 0,
+) -> Feedback:
+    """The clean set (:func:`select_clean`), its k-medoids pool (:func:`medoid_pool`), and the items
+    to ask again: those flagged ``noisy`` (or without an answer), except the pool's own members,
+    whose answers stand since they are shown as demonstrations."""
+    clean = select_clean(signatures, agree, losses, fraction)
+    labels = [g if g is not None else "" for g in signatures]
+    pool = medoid_pool(embeddings, labels, clean, np.nan_to_num(losses, nan=np.inf), pool_size, seed)
+    ask = np.asarray(noisy, dtype=bool) | np.asarray([g is None for g in signatures])
+    ask[[d.index for d in pool]] = False
+    return Feedback(clean, pool, np.flatnonzero(ask))

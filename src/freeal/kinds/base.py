@@ -1,0 +1,165 @@
+"""The contract between the loop and a kind of task (classification, NER, ...).
+
+The loop (:mod:`freeal.loop`) owns the algorithm and the run folder; a :class:`TaskKind` says what
+each step means for its kind: how its data is read, how the LLM is asked and its answers kept, what
+an answer's *signature* is (the class used to balance the clean set and the demonstration pool),
+how a re-asked answer merges with the earlier one, how the SLM is trained, and how answers are
+scored against gold. A new kind (multi-label, relations) is a new subclass registered in
+:mod:`freeal.kinds`, and nothing in the loop changes.
+
+Answers are plain JSON values per item: a label for classification, a list of ``[type, start,
+end]`` spans for NER; ``None`` where the LLM was not asked or gave no answer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from freeal.config import Calibration, LoopConfig, SLMConfig
+from freeal.llm.cache import CachedAnnotator
+from freeal.tasks import Task
+
+#: Item positions and the demonstrations (JSON rows of the kind) they are shown.
+Group = tuple[np.ndarray, list[dict]]
+
+
+@dataclass
+class Answers:
+    """One LLM pass over some items: per item its answer (``None`` = not asked or no answer),
+    whether it was asked, extra per-item columns to keep (confidence, probabilities), per-group
+    notes for ``groups.jsonl`` (calibration offsets), and the pass's numbers."""
+
+    values: list[Any]
+    asked: np.ndarray
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    group_notes: list[dict] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class SLMFit:
+    """A trained SLM and what the loop needs of it, per training item: its prediction (an answer of
+    the kind), confidence, whether it reproduces the LLM's answer, the clean/noisy split and the
+    loss averaged over epochs (``NaN`` where the item had no answer to learn)."""
+
+    model: Any
+    predicted: list[Any]
+    confidence: np.ndarray
+    agree: np.ndarray
+    clean: np.ndarray
+    clean_prob: np.ndarray
+    mean_loss: np.ndarray
+    epoch_log: list[dict]
+
+
+class TaskKind(ABC):
+    """How one kind of task meets the FreeAL loop (see the module docstring)."""
+
+    #: the task's ``kind`` this class serves
+    name: ClassVar[str]
+    #: the field of ``labels.jsonl`` holding the answer (``label``, ``spans``)
+    answer_key: ClassVar[str]
+    #: what ``initial_demos: auto`` means for this kind (``generated`` or ``none``)
+    initial_demos: ClassVar[str]
+    #: what one item is called in messages
+    unit: ClassVar[str]
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    # -- data -------------------------------------------------------------------------------------
+    @abstractmethod
+    def read(self, data: Any, gold: Sequence[Any] | None) -> Any:
+        """The input of ``fit`` as the kind's item container (``Items``, ``Sentences``)."""
+
+    @abstractmethod
+    def item_rows(self, items: Any) -> list[dict]:
+        """What ``items.jsonl`` keeps of the input."""
+
+    @abstractmethod
+    def texts(self, items: Any) -> list[str]:
+        """Each item as one string, for sentence embeddings."""
+
+    # -- the LLM ----------------------------------------------------------------------------------
+    @abstractmethod
+    def write_demonstrations(
+        self,
+        annotator: CachedAnnotator,
+        items: Any,
+        loop: LoopConfig,
+        calibrate: Calibration,
+        progress: bool,
+        say: Callable[[str], None],
+    ) -> tuple[list[dict], dict]:
+        """Demonstrations the LLM writes for the initial round (JSON rows), and the step's numbers."""
+
+    @abstractmethod
+    def demo_text(self, demo: dict) -> str:
+        """A demonstration as text, for its embedding."""
+
+    @abstractmethod
+    def demonstration(self, items: Any, i: int, answer: Any) -> dict:
+        """Item ``i`` with ``answer`` as a demonstration row (the feedback pool's members)."""
+
+    @abstractmethod
+    def signature(self, answer: Any) -> str | None:
+        """The class of an answer for balancing (``None``: no answer)."""
+
+    def pool_problem(self, pool: Sequence[dict]) -> str | None:
+        """Why a demonstration pool must not be shown (then refinery asks no one), or ``None``."""
+        return None
+
+    @abstractmethod
+    def ask(
+        self,
+        annotator: CachedAnnotator,
+        items: Any,
+        groups: Sequence[Group],
+        *,
+        calibrate: Calibration,
+        progress: bool,
+        description: str,
+    ) -> Answers:
+        """Ask the LLM about the items of ``groups``, each group with its demonstrations."""
+
+    @abstractmethod
+    def merge(self, previous: list[dict], fresh: Answers, rule: str) -> list[dict]:
+        """The rows of a refinery round: ``previous`` rows (``labels.jsonl``) where the item was not
+        asked or the LLM gave no answer (an abstention never erases a label), else the new answer
+        combined with the old one by ``rule`` (``combined``/``new``). Only answer fields are set."""
+
+    # -- the SLM ----------------------------------------------------------------------------------
+    @abstractmethod
+    def train(
+        self, items: Any, answers: Sequence[Any], cfg: SLMConfig, on_epoch: Callable[[dict], None]
+    ) -> SLMFit:
+        """Train the SLM robustly on the answers (``None``: nothing to learn from that item)."""
+
+    @abstractmethod
+    def load_model(self, folder: Path, device: str) -> Any:
+        """A model saved by the SLM step."""
+
+    @abstractmethod
+    def predict(self, model: Any, items: Any) -> list[Any]:
+        """The model's answers on other items (the test set)."""
+
+    # -- scoring (gold only) -----------------------------------------------------------------------
+    @abstractmethod
+    def score(self, gold: Sequence[Any], answers: Sequence[Any]) -> dict:
+        """Metrics of ``answers`` against gold (accuracy, or entity P/R/F1)."""
+
+    @abstractmethod
+    def right(self, gold: Any, answer: Any) -> bool:
+        """Whether one answer is entirely right."""
+
+    # -- output -----------------------------------------------------------------------------------
+    @abstractmethod
+    def output(self, items: Any, rows: list[dict], fit_rows: list[dict]) -> dict[str, list[Any]]:
+        """The columns of the returned frame and ``labels.jsonl``, from the last round's rows and the
+        last SLM's per-item predictions."""

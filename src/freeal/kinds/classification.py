@@ -1,0 +1,197 @@
+"""Sentence classification: one label per text, scored by the LLM label by label.
+
+- The LLM answers by label scoring (:func:`freeal.annotate.label_groups`): every answer is a label
+  of the set with probabilities, contextual calibration per group of shared demonstrations.
+- Demonstrations for the initial round are written by the LLM per label and checked by it
+  zero-shot (:mod:`freeal.demos`).
+- A re-asked text's label is, with ``refined_label: combined``, the one its earlier and new answers
+  make most probable together; with ``new``, the new answer (the paper).
+- The SLM is :class:`freeal.slm.classifier.SLMClassifier`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from freeal.annotate import label_groups
+from freeal.config import Calibration, LoopConfig, SLMConfig
+from freeal.data import Items, read_items
+from freeal.demos import generate_demonstrations, verify_demonstrations
+from freeal.kinds.base import Answers, Group, SLMFit, TaskKind
+from freeal.llm.cache import CachedAnnotator
+from freeal.metrics import classification_report
+
+
+class Classification(TaskKind):
+    name = "classification"
+    answer_key = "label"
+    initial_demos = "generated"
+    unit = "texts"
+
+    # -- data -------------------------------------------------------------------------------------
+    def read(self, data: Any, gold: Sequence[Any] | None) -> Items:
+        """Lists, Series, DataFrames (``text``, optional ``id`` and ``label`` columns) or Items."""
+        if isinstance(data, Items):
+            return data if gold is None else replace(data, gold=list(gold))
+        frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame({"text": list(data)})
+        if gold is not None:
+            frame = frame.assign(label=list(gold))
+        return read_items(
+            frame,
+            id_col="id" if "id" in frame else None,
+            label_col="label" if "label" in frame else None,
+            task=self.task,
+        )
+
+    def item_rows(self, items: Items) -> list[dict]:
+        return [{"id": i, "text": t} for i, t in zip(items.ids, items.texts, strict=True)]
+
+    def texts(self, items: Items) -> list[str]:
+        return items.texts
+
+    # -- the LLM ----------------------------------------------------------------------------------
+    def write_demonstrations(
+        self,
+        annotator: CachedAnnotator,
+        items: Items,
+        loop: LoopConfig,
+        calibrate: Calibration,
+        progress: bool,
+        say: Callable[[str], None],
+    ) -> tuple[list[dict], dict]:
+        demos, report = generate_demonstrations(
+            self.task,
+            annotator,
+            items.texts,
+            per_label=loop.demos_per_label,
+            per_call=loop.demos_per_call,
+            style_examples=loop.style_examples,
+            temperature=loop.generation_temperature,
+            max_calls_per_label=loop.max_calls_per_label,
+            seed=loop.seed,
+        )
+        say(f"wrote {report.kept} demonstrations ({report.per_label}) in {report.calls} LLM calls")
+        result = asdict(report)
+        if loop.verify_demos:
+            demos, result["verified_per_label"] = verify_demonstrations(
+                self.task, annotator, demos, calibrate=calibrate
+            )
+            result["verified"] = len(demos)
+            say(f"kept {len(demos)} that the LLM labels as intended ({result['verified_per_label']})")
+        return [{"text": t, "label": label} for t, label in demos], result
+
+    def demo_text(self, demo: dict) -> str:
+        return demo["text"]
+
+    def demonstration(self, items: Items, i: int, answer: Any) -> dict:
+        return {"text": items.texts[i], "label": answer}
+
+    def signature(self, answer: Any) -> str | None:
+        return answer
+
+    def ask(
+        self,
+        annotator: CachedAnnotator,
+        items: Items,
+        groups: Sequence[Group],
+        *,
+        calibrate: Calibration,
+        progress: bool,
+        description: str,
+    ) -> Answers:
+        frame = label_groups(
+            self.task,
+            items.texts,
+            annotator,
+            [(members, [(d["text"], d["label"]) for d in demos]) for members, demos in groups],
+            calibrate=calibrate,
+            progress=progress,
+            description=description,
+        )
+        return Answers(
+            values=[None if pd.isna(v) else v for v in frame["label"]],
+            asked=frame["asked"].to_numpy(bool),
+            columns={col: frame[col].tolist() for col in ("confidence", "probs", "log_scores")},
+            group_notes=[{"offsets": o} for o in frame.attrs["group_offsets"]],
+            stats={"calibrated": frame.attrs["calibrated"]},
+        )
+
+    def merge(self, previous: list[dict], fresh: Answers, rule: str) -> list[dict]:
+        names = self.task.label_names
+        out = []
+        for i, old in enumerate(previous):
+            new_label = fresh.values[i]
+            if not fresh.asked[i] or new_label is None:  # not asked, or abstained: keep the label
+                out.append({k: old[k] for k in ("label", "confidence", "probs", "log_scores")})
+                continue
+            row = {
+                "label": new_label,
+                **{k: fresh.columns[k][i] for k in ("confidence", "probs", "log_scores")},
+            }
+            old_p, new_p = old.get("probs"), row["probs"]
+            if rule == "combined" and isinstance(old_p, dict) and isinstance(new_p, dict):
+                # the label the two answers make most probable together: a label changes only when
+                # the new prompt outweighs the old one (raw log_scores stay the new answer's)
+                joint = np.asarray([old_p[n] * new_p[n] for n in names], dtype=np.float64)
+                joint = joint / joint.sum() if joint.sum() > 0 else np.full(len(names), 1 / len(names))
+                best = int(np.argmax(joint))
+                row.update(
+                    label=names[best],
+                    confidence=float(joint[best]),
+                    probs=dict(zip(names, joint.tolist(), strict=True)),
+                )
+            out.append(row)
+        return out
+
+    # -- the SLM ----------------------------------------------------------------------------------
+    def train(
+        self, items: Items, answers: Sequence[Any], cfg: SLMConfig, on_epoch: Callable[[dict], None]
+    ) -> SLMFit:
+        from freeal.slm.classifier import SLMClassifier
+
+        model = SLMClassifier(self.task.label_names, cfg).fit(items.texts, list(answers), on_epoch=on_epoch)
+        names = self.task.label_names
+        predicted = [names[i] for i in model.train_proba_.argmax(1)]
+        return SLMFit(
+            model=model,
+            predicted=predicted,
+            confidence=model.train_proba_.max(1),
+            agree=np.asarray([a is not None and a == p for a, p in zip(answers, predicted, strict=True)]),
+            clean=model.clean_mask_,
+            clean_prob=model.clean_prob_,
+            mean_loss=model.mean_loss_,
+            epoch_log=model.epoch_log,
+        )
+
+    def load_model(self, folder: Path, device: str) -> Any:
+        from freeal.slm.classifier import SLMClassifier
+
+        return SLMClassifier.load(folder, device=device)
+
+    def predict(self, model: Any, items: Items) -> list[Any]:
+        return model.predict(items.texts)
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def score(self, gold: Sequence[Any], answers: Sequence[Any]) -> dict:
+        return classification_report(gold, list(answers), self.task.label_names)
+
+    def right(self, gold: Any, answer: Any) -> bool:
+        return gold == answer
+
+    # -- output -----------------------------------------------------------------------------------
+    def output(self, items: Items, rows: list[dict], fit_rows: list[dict]) -> dict[str, list[Any]]:
+        return {
+            "text": items.texts,
+            "label": [r["label"] for r in rows],
+            "confidence": [r["confidence"] for r in rows],
+            "clean": [bool(p["clean"]) for p in fit_rows],
+            "round_changed": [r["round_changed"] for r in rows],
+            "slm_label": [p["predicted"] for p in fit_rows],
+            "slm_confidence": [p["confidence"] for p in fit_rows],
+        }

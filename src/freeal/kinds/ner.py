@@ -1,0 +1,229 @@
+"""Named-entity recognition: per sentence, a list of entity spans ``[type, start, end)`` over tokens.
+
+- The LLM lists entities (:func:`freeal.ner_annotate.annotate_sentences`: a per-sentence grammar
+  on llama.cpp, strict JSON elsewhere); demonstrations go in as earlier chat turns.
+- Written demonstrations (``initial_demos: generated``) are sentences the LLM writes per type; with
+  ``verify_demos`` each is also annotated zero-shot and the two lists merged, since a writer asked
+  for one type tends to list only that type. ``auto`` means a zero-shot start for NER, which ended
+  higher on both measured BC5CDR slices (BENCHMARKS.md).
+- A sentence's *signature* is the set of types it holds (``Chemical+Disease``, ``none``), so the
+  clean set and the pool show every type and entity-free sentences too. A pool without any entity
+  is never shown: measured, it taught the LLM to answer "no entity" everywhere.
+- A re-asked sentence takes its new entity list (an entity list has no probabilities to combine);
+  an unreadable answer keeps the old list.
+- The SLM is the token tagger :class:`freeal.slm.tagger.SLMTagger`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from freeal.config import Calibration, LoopConfig, SLMConfig
+from freeal.data import Sentences, read_sentences
+from freeal.kinds.base import Answers, Group, SLMFit, TaskKind
+from freeal.llm.cache import CachedAnnotator
+from freeal.metrics import ner_report
+from freeal.ner import Span, render, spans_from_tags, tags_from_spans
+from freeal.ner_annotate import annotate_sentences, generate_ner_demonstrations
+
+
+def as_spans(raw: Any) -> list[Span] | None:
+    """Spans read back from JSON (lists) as tuples."""
+    return None if raw is None else [(k, int(s), int(e)) for k, s, e in raw]
+
+
+def merge_spans(first: Sequence[Span], second: Sequence[Span]) -> list[Span]:
+    """``first`` plus the spans of ``second`` that overlap none of them."""
+    taken = {k for _, s, e in first for k in range(s, e)}
+    extra = [sp for sp in second if not any(k in taken for k in range(sp[1], sp[2]))]
+    return sorted([*first, *extra], key=lambda sp: sp[1])
+
+
+class NER(TaskKind):
+    name = "ner"
+    answer_key = "spans"
+    initial_demos = "none"
+    unit = "sentences"
+
+    # -- data -------------------------------------------------------------------------------------
+    def read(self, data: Any, gold: Sequence[Any] | None) -> Sentences:
+        """Sentences, a list of token lists, or a list of raw strings (tokenized)."""
+        sentences = data if isinstance(data, Sentences) else read_sentences(data, task=self.task)
+        if gold is not None:
+            sentences = Sentences(sentences.ids, sentences.tokens, [list(g) for g in gold], sentences.source)
+        return sentences
+
+    def item_rows(self, items: Sentences) -> list[dict]:
+        return [{"id": i, "tokens": t} for i, t in zip(items.ids, items.tokens, strict=True)]
+
+    def texts(self, items: Sentences) -> list[str]:
+        return items.texts
+
+    # -- the LLM ----------------------------------------------------------------------------------
+    def write_demonstrations(
+        self,
+        annotator: CachedAnnotator,
+        items: Sentences,
+        loop: LoopConfig,
+        calibrate: Calibration,
+        progress: bool,
+        say: Callable[[str], None],
+    ) -> tuple[list[dict], dict]:
+        demos, report = generate_ner_demonstrations(
+            self.task,
+            annotator,
+            items.tokens,
+            per_type=loop.demos_per_label,
+            per_call=loop.demos_per_call,
+            style_examples=loop.style_examples,
+            temperature=loop.generation_temperature,
+            max_calls_per_type=loop.max_calls_per_label,
+            seed=loop.seed,
+        )
+        say(f"wrote {report.kept} demonstration sentences ({report.per_type}) in {report.calls} LLM calls")
+        result = asdict(report)
+        if loop.verify_demos:
+            check = annotate_sentences(
+                self.task,
+                [t for t, _ in demos],
+                annotator,
+                [(np.arange(len(demos)), [])],
+                progress=progress,
+                description="demonstrations, zero-shot",
+            )
+            merged = [
+                (t, merge_spans(s, found or [])) for (t, s), found in zip(demos, check.spans, strict=True)
+            ]
+            added = sum(len(m) - len(s) for (_, m), (_, s) in zip(merged, demos, strict=True))
+            demos = merged
+            result["verified"] = len(demos)
+            result["spans_added_by_zero_shot"] = added
+            say(f"the zero-shot pass added {added} entities the writer had not listed")
+        return [{"tokens": t, "spans": s} for t, s in demos], result
+
+    def demo_text(self, demo: dict) -> str:
+        return render(demo["tokens"])
+
+    def demonstration(self, items: Sentences, i: int, answer: Any) -> dict:
+        return {"tokens": items.tokens[i], "spans": answer}
+
+    def signature(self, answer: Any) -> str | None:
+        if answer is None:
+            return None
+        kinds = sorted({k for k, _, _ in answer})
+        return "+".join(kinds) if kinds else "none"
+
+    def pool_problem(self, pool: Sequence[dict]) -> str | None:
+        if not any(d["spans"] for d in pool):
+            return "no clean sentence with an entity to show"
+        return None
+
+    def ask(
+        self,
+        annotator: CachedAnnotator,
+        items: Sentences,
+        groups: Sequence[Group],
+        *,
+        calibrate: Calibration,
+        progress: bool,
+        description: str,
+    ) -> Answers:
+        found = annotate_sentences(
+            self.task,
+            items.tokens,
+            annotator,
+            [(members, [(d["tokens"], as_spans(d["spans"])) for d in demos]) for members, demos in groups],
+            progress=progress,
+            description=description,
+        )
+        asked = np.zeros(len(items), dtype=bool)
+        for members, _ in groups:
+            asked[np.asarray(members, dtype=np.int64)] = True
+        return Answers(
+            values=[None if s is None else [list(sp) for sp in s] for s in found.spans],
+            asked=asked,
+            group_notes=[{} for _ in groups],
+            stats=found.stats(),
+        )
+
+    def merge(self, previous: list[dict], fresh: Answers, rule: str) -> list[dict]:
+        return [
+            {"spans": fresh.values[i] if fresh.asked[i] and fresh.values[i] is not None else old["spans"]}
+            for i, old in enumerate(previous)
+        ]
+
+    # -- the SLM ----------------------------------------------------------------------------------
+    def _tags(self, items: Sentences, answers: Sequence[Any]) -> list[list[str] | None]:
+        return [
+            None if a is None else tags_from_spans(len(t), as_spans(a) or [])
+            for a, t in zip(answers, items.tokens, strict=True)
+        ]
+
+    def train(
+        self, items: Sentences, answers: Sequence[Any], cfg: SLMConfig, on_epoch: Callable[[dict], None]
+    ) -> SLMFit:
+        from freeal.slm.tagger import SLMTagger
+
+        tags = self._tags(items, answers)
+        model = SLMTagger(self.task.label_names, cfg).fit(items.tokens, tags, on_epoch=on_epoch)
+        predicted = [[list(sp) for sp in spans_from_tags(t)] for t in model.train_tags_]
+        return SLMFit(
+            model=model,
+            predicted=predicted,
+            confidence=np.asarray(model.train_confidence_, dtype=np.float64),
+            agree=np.asarray(
+                [t is not None and p == t for p, t in zip(model.train_tags_, tags, strict=True)]
+            ),
+            clean=model.clean_mask_,
+            clean_prob=model.clean_prob_,
+            mean_loss=model.mean_loss_,
+            epoch_log=model.epoch_log,
+        )
+
+    def load_model(self, folder: Path, device: str) -> Any:
+        from freeal.slm.tagger import SLMTagger
+
+        return SLMTagger.load(folder, device=device)
+
+    def predict(self, model: Any, items: Sentences) -> list[Any]:
+        return [[list(sp) for sp in spans_from_tags(t)] for t in model.predict(items.tokens)]
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def score(self, gold: Sequence[Any], answers: Sequence[Any]) -> dict:
+        predicted = [
+            None if a is None else tags_from_spans(len(g), as_spans(a) or [])
+            for a, g in zip(answers, gold, strict=True)
+        ]
+        return ner_report(gold, predicted)
+
+    def right(self, gold: Any, answer: Any) -> bool:
+        return answer is not None and set(as_spans(answer) or []) == set(spans_from_tags(gold))
+
+    # -- output -----------------------------------------------------------------------------------
+    def output(self, items: Sentences, rows: list[dict], fit_rows: list[dict]) -> dict[str, list[Any]]:
+        spans = [as_spans(r["spans"]) for r in rows]
+        tags = self._tags(items, spans)
+        slm_tags = self._tags(items, [p["predicted"] for p in fit_rows])
+        return {
+            "tokens": items.tokens,
+            "tags": tags,
+            "entities": [
+                None
+                if s is None
+                else [{"type": k, "start": a, "end": b, "text": render(t[a:b])} for k, a, b in s]
+                for s, t in zip(spans, items.tokens, strict=True)
+            ],
+            "clean": [bool(p["clean"]) for p in fit_rows],
+            "round_changed": [r["round_changed"] for r in rows],
+            "slm_tags": slm_tags,
+            "slm_confidence": [p["confidence"] for p in fit_rows],
+            "agreement": [
+                None if t is None else float(np.mean([a == b for a, b in zip(t, p, strict=True)]))
+                for t, p in zip(tags, slm_tags, strict=True)
+            ],
+        }
