@@ -176,7 +176,7 @@ def fuzz(examples: int) -> dict:
     out = done.stdout
     per_test = {}
     for name, block in re.findall(r"\n(tests/test_fuzz\.py::\S+):\n(.*?)(?=\n\S|\Z)", out, flags=re.S):
-        counts = [int(n) for n in re.findall(r"(\d+) passing examples", block)]
+        counts = [int(n) for n in re.findall(r"(\d+) passing", block)]
         per_test[name.split("::")[1]] = sum(counts)
     result = {
         "examples_per_property": examples,

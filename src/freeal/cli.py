@@ -14,6 +14,7 @@ from rich.table import Table
 
 from freeal.config import DataConfig, LLMConfig, RunConfig, validate
 from freeal.errors import FreeALError
+from freeal.extras import require
 
 app = typer.Typer(
     add_completion=False,
@@ -125,7 +126,9 @@ def annotate(
     start = time.perf_counter()
     frame = run_annotate(the_task, items, annotator, calibrate=cfg.calibrate, progress=not quiet)
     elapsed = time.perf_counter() - start
-    write_jsonl_atomic(out, frame[["id", "text", "label", "confidence", "probs"]].to_dict("records"))
+    kept = frame[["id", "text", "label", "confidence", "probs"]]
+    # an abstention is null in the file (pandas would write NaN, which is not JSON)
+    write_jsonl_atomic(out, kept.astype(object).where(kept.notna(), None).to_dict("records"))
     ledger = annotator.ledger
     summary: dict = {
         "items": len(items),
@@ -184,6 +187,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Train the SLM robustly on noisy labels; write predictions, the clean split and demonstrations."""
+    require("torch", "transformers", "sentence_transformers", what="`freeal train`")
     from freeal.config import SLMConfig
     from freeal.data import read_items, write_jsonl_atomic, write_text_atomic
     from freeal.demos import nearest_demonstrations
@@ -207,11 +211,20 @@ def train(
     )
     the_task = load_task(task)
     the_task.require_classification("`freeal train`")
-    keep = tuple(c for c in (views_col, gold_col) if c)
-    items = read_items(data, text_col=text_col, id_col=id_col, label_col=label_col, keep=keep, task=the_task)
-    if items.gold is None:
+    items = read_items(
+        data,
+        text_col=text_col,
+        id_col=id_col,
+        label_col=gold_col,  # gold, read only to score
+        given_col=label_col,  # the labels to learn from
+        keep=(views_col,) if views_col else (),
+        task=the_task,
+    )
+    if items.given is None:
         raise FreeALError(f"{items.source}: no column {label_col!r} of labels to learn from")
-    noisy = items.gold  # the labels to learn from; gold for evaluation, if any, is gold_col
+    if gold_col and items.gold is None:
+        raise FreeALError(f"{items.source}: no column {gold_col!r} of gold labels")
+    noisy = items.given
     views = items.extra.get(views_col) if views_col else None
 
     def show(entry: dict) -> None:
@@ -264,8 +277,8 @@ def train(
         "clean_set": len(fb.clean),
         "pool": len(fb.pool),
     }
-    if gold_col:
-        gold = items.extra[gold_col]
+    if items.gold is not None:
+        gold = items.gold
         metrics["transductive"] = classification_report(gold, predicted, the_task.label_names)
         print_metrics(metrics["transductive"], "SLM on the training texts")
         metrics["clean_set_precision"] = float(np.mean([noisy[i] == gold[i] for i in fb.clean]))
@@ -387,6 +400,7 @@ def doctor(
 ) -> None:
     """Check that llama.cpp runs on this CPU: load each model in a child process with its extra
     weight buffers on and off, decode, time prefill; say which setting freeal will use."""
+    require("llama_cpp", what="`freeal doctor`")
     from freeal.llm.models import MODELS, resolve_model
     from freeal.llm.native import (
         ENV_VAR,
@@ -471,15 +485,11 @@ def serve(
 ) -> None:
     """Serve a model over the OpenAI API (llama-cpp-python's server), loaded as freeal loads it:
     checked in a child process first, with the extra weight buffers chosen for this CPU."""
-    try:
-        import uvicorn
-        from llama_cpp.server.app import create_app
-        from llama_cpp.server.settings import ModelSettings, ServerSettings
-    except ImportError as exc:
-        raise FreeALError(
-            f"`freeal serve` needs llama-cpp-python's server ({exc.name} is missing): "
-            "pip install 'llama-cpp-python[server]'"
-        ) from exc
+    require("llama_cpp", "uvicorn", "fastapi", what="`freeal serve`")
+    import uvicorn
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
     from freeal.config import LLMConfig
     from freeal.llm.llamacpp import default_threads
     from freeal.llm.models import resolve_model

@@ -46,9 +46,11 @@ _SUFFIXES = (*_JSONL_SUFFIXES, ".json", ".csv", ".tsv")
 class Items:
     """A data set to label, one entry per row in every list.
 
-    ``gold`` is ``None`` when the data has no label column; otherwise it has one entry per row, and
-    an entry is ``None`` where that row has no label (null or empty), e.g. an LLM answer that could
-    not be parsed. ``extra`` carries the columns asked for with ``keep`` (e.g. back-translations).
+    ``gold`` holds true labels, read only to score; ``given`` holds labels to learn from (an LLM's,
+    e.g. the output of ``freeal annotate`` given to ``freeal train``): two fields, so noisy labels
+    are never mistaken for gold. Each is ``None`` when the data has no such column; otherwise it
+    has one entry per row, ``None`` where that row has no label (null or empty, e.g. an abstention).
+    ``extra`` carries the columns asked for with ``keep`` (e.g. back-translations).
     """
 
     ids: list[str]
@@ -56,14 +58,14 @@ class Items:
     gold: list[str | None] | None
     source: str
     extra: dict[str, list[Any]] = field(default_factory=dict)
+    given: list[str | None] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.texts)
         lengths = [len(self.ids), *(len(v) for v in self.extra.values())]
-        if self.gold is not None:
-            lengths.append(len(self.gold))
+        lengths += [len(labels) for labels in (self.gold, self.given) if labels is not None]
         if any(length != n for length in lengths):
-            raise ValueError("Items: ids, texts, gold and extra columns must have the same length")
+            raise ValueError("Items: ids, texts, gold, given and extra columns must have the same length")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -77,6 +79,7 @@ class Items:
             gold=None if self.gold is None else [self.gold[i] for i in pos],
             source=self.source,
             extra={k: [v[i] for i in pos] for k, v in self.extra.items()},
+            given=None if self.given is None else [self.given[i] for i in pos],
         )
 
 
@@ -104,6 +107,7 @@ def read_items(
     task: Task | None = None,
     limit: int | None = None,
     seed: int | None = None,
+    given_col: str | None = None,
 ) -> Items:
     """Read and validate a data set.
 
@@ -125,7 +129,7 @@ def read_items(
         raise FreeALError(f"{table.source}: no rows")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise FreeALError(f"limit must be a positive integer, got {limit!r}")
-    items = _validate(table, text_col, id_col, label_col, tuple(keep), task)
+    items = _validate(table, text_col, id_col, {"gold": label_col, "given": given_col}, tuple(keep), task)
     if limit is not None and limit < len(items):
         pick = np.random.default_rng(seed).choice(len(items), size=limit, replace=False)
         items = items.subset(sorted(int(i) for i in pick))
@@ -309,24 +313,28 @@ def _validate(
     table: _Table,
     text_col: str,
     id_col: str | None,
-    label_col: str | None,
+    label_cols: dict[str, str | None],
     keep: tuple[str, ...],
     task: Task | None,
 ) -> Items:
+    """Rows checked one by one; ``label_cols`` names the gold and the given label columns (each
+    optional: a column absent from the data gives ``None``)."""
     src = table.source
     if table.columns is not None:
         for col in (text_col, id_col, *keep):
             if col is not None and col not in table.columns:
                 raise FreeALError(f"{src}: no column {col!r} (columns: {_listing(table.columns)})")
-        has_gold = label_col is not None and label_col in table.columns
+        present = {k: c for k, c in label_cols.items() if c is not None and c in table.columns}
     else:
-        has_gold = label_col is not None and any(label_col in row for row in table.rows)
+        present = {
+            k: c for k, c in label_cols.items() if c is not None and any(c in row for row in table.rows)
+        }
     # NER tasks name entity types, not row labels, so only a classification task checks gold.
     check = task if task is not None and task.kind == "classification" else None
 
     ids: list[str] = []
     texts: list[str] = []
-    gold: list[str | None] = []
+    labels: dict[str, list[str | None]] = {k: [] for k in present}
     extra: dict[str, list[Any]] = {col: [] for col in keep}
     first_row_of: dict[str, int] = {}
     for n, row in zip(table.rownums, table.rows, strict=True):
@@ -353,21 +361,22 @@ def _validate(
             first_row_of[rid] = n
             ids.append(rid)
 
-        if has_gold:
-            assert label_col is not None
+        for kind, label_col in present.items():
             label = _scalar_str(row.get(label_col), where, label_col)
             if label is not None and check is not None and label not in check.labels:
                 raise FreeALError(
                     f"{where}: {label_col} {label!r} is not in the label set of task {check.name!r} "
                     f"({_listing(check.labels)})"
                 )
-            gold.append(label)
+            labels[kind].append(label)
 
         for col in keep:
             value = row[col]
             extra[col].append(None if _missing(value) else value)
 
-    return Items(ids=ids, texts=texts, gold=gold if has_gold else None, source=src, extra=extra)
+    return Items(
+        ids=ids, texts=texts, gold=labels.get("gold"), source=src, extra=extra, given=labels.get("given")
+    )
 
 
 def _scalar_str(value: Any, where: str, col: str) -> str | None:

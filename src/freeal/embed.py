@@ -16,6 +16,7 @@ import numpy as np
 
 from freeal.config import cache_root
 from freeal.errors import FreeALError
+from freeal.extras import require
 
 
 def minilm_path() -> str:
@@ -120,6 +121,7 @@ def weights_identity(folder: str | Path) -> str:
 
 
 def torch_device(name: str = "auto") -> str:
+    require("torch", what="the SLM")
     import torch
 
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
@@ -144,6 +146,7 @@ class Embedder:
 
     def _load(self):  # type: ignore[no-untyped-def]
         if self._model is None:
+            require("torch", "sentence_transformers", what="sentence embeddings (the loop, the SLM)")
             from sentence_transformers import SentenceTransformer
 
             self._model = SentenceTransformer(self.model_path, device=self.device)

@@ -23,6 +23,7 @@ from freeal.annotate import label_groups
 from freeal.config import Calibration, LoopConfig, SLMConfig
 from freeal.data import Items, read_items
 from freeal.demos import generate_demonstrations, verify_demonstrations
+from freeal.extras import require
 from freeal.kinds.base import Answers, Group, SLMFit, TaskKind
 from freeal.llm.cache import CachedAnnotator
 from freeal.metrics import classification_report
@@ -153,6 +154,7 @@ class Classification(TaskKind):
     def train(
         self, items: Items, answers: Sequence[Any], cfg: SLMConfig, on_epoch: Callable[[dict], None]
     ) -> SLMFit:
+        require("torch", "transformers", what="the SLM (classifier)")
         from freeal.slm.classifier import SLMClassifier
 
         model = SLMClassifier(self.task.label_names, cfg).fit(items.texts, list(answers), on_epoch=on_epoch)

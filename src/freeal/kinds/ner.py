@@ -25,6 +25,7 @@ import numpy as np
 
 from freeal.config import Calibration, LoopConfig, SLMConfig
 from freeal.data import Sentences, read_sentences
+from freeal.extras import require
 from freeal.kinds.base import Answers, Group, SLMFit, TaskKind
 from freeal.llm.cache import CachedAnnotator
 from freeal.metrics import ner_report
@@ -167,6 +168,7 @@ class NER(TaskKind):
     def train(
         self, items: Sentences, answers: Sequence[Any], cfg: SLMConfig, on_epoch: Callable[[dict], None]
     ) -> SLMFit:
+        require("torch", "transformers", what="the SLM (token tagger)")
         from freeal.slm.tagger import SLMTagger
 
         tags = self._tags(items, answers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from freeal.config import LLMConfig, cache_root
+from freeal.extras import require
 from freeal.llm.base import Annotator, LabelScores, Message
 from freeal.llm.cache import CachedAnnotator, CallCache, Ledger
 
@@ -53,6 +54,7 @@ def _openai_annotator(cfg: LLMConfig) -> OpenAICompatAnnotator:
 def make_annotator(cfg: LLMConfig) -> CachedAnnotator:
     """The configured backend behind the on-disk cache (loading the model if it is embedded)."""
     if cfg.backend == "llamacpp":
+        require("llama_cpp", what="the embedded LLM (backend: llamacpp)")
         from freeal.llm.llamacpp import LlamaCppAnnotator
         from freeal.llm.models import resolve_model
 

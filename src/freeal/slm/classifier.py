@@ -9,11 +9,8 @@ text and its augmented view, so their given labels are never fitted. The extra t
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,12 +18,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from freeal.config import SLMConfig, validate
-from freeal.data import write_text_atomic
 from freeal.embed import Embedder, encoder_path, torch_device
 from freeal.errors import FreeALError
 from freeal.slm.augment import make_views
 from freeal.slm.losses import symmetric_kl
 from freeal.slm.noise import split_clean
+from freeal.slm.robust import RobustTrainer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +51,10 @@ class _Net(nn.Module):
         return self.head(self.hidden_states(batch))
 
 
-class SLMClassifier:
+class SLMClassifier(RobustTrainer):
+    WEIGHTS = "model.pt"
+    META = "slm.json"
+
     """Sentence classifier trained robustly on noisy labels (scikit-learn style: ``fit``/``predict``).
 
     After :meth:`fit`, for the training items: ``train_proba_`` (predicted probabilities),
@@ -157,60 +157,62 @@ class SLMClassifier:
         cfg = self.config
         y = self._targets(labels)
         self._build()
-        rng = np.random.default_rng(cfg.seed)
-        source = self._inputs(texts)
+        self._texts = list(texts)
+        self._views = views
+        self._source = self._inputs(texts)
         # Views feed only the consistency loss: without it they are never needed.
-        fixed_views = source
+        self._fixed_views = self._source
         if cfg.robust and cfg.lambda_u > 0:
-            fixed_views = self._inputs(views if views is not None else make_views(list(texts), cfg.seed))
-        y_t = torch.as_tensor(y, device=self.device)
-        labeled = np.flatnonzero(y >= 0)
+            self._fixed_views = self._inputs(
+                views if views is not None else make_views(self._texts, cfg.seed)
+            )
+        self._y = y
+        self._y_t = torch.as_tensor(y, device=self.device)
+        self._labeled = np.flatnonzero(y >= 0)
         lr = cfg.lr or (1e-3 if cfg.mode == "head" else 3e-5)
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.01)
-        beta = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha)
-        clean = np.zeros(len(texts), dtype=bool)
-        clean[labeled] = True
-        self.epoch_log = []
-        history: list[np.ndarray] = []  # per-item losses after each epoch, for mean_loss_
-        for epoch in range(cfg.epochs):
-            robust_now = cfg.robust and epoch >= cfg.warmup_epochs
-            ramp = min(1.0, (epoch - cfg.warmup_epochs + 1) / cfg.rampup_epochs) if robust_now else 0.0
-            if epoch > 0 or robust_now:
-                losses = self._item_losses(source, y, labeled)
-                if epoch > 0:  # epoch 0's losses come from an untrained model
-                    history.append(losses)
-            if robust_now:
-                groups = y[labeled] if cfg.split_per_class else None
-                mask, _ = split_clean(losses, cfg.clean_threshold, cfg.seed, groups)
-                clean[:] = False
-                clean[labeled[mask]] = True
-            view = fixed_views
-            if cfg.robust and cfg.lambda_u > 0 and cfg.mode == "finetune" and views is None and epoch > 0:
-                view = make_views(list(texts), cfg.seed + epoch)
-            used = np.arange(len(texts)) if robust_now else labeled
-            start = time.perf_counter()
-            totals = self._train_epoch(used, source, view, y_t, clean, ramp, optimizer, beta, rng)
-            entry = {
-                "epoch": epoch + 1,
-                "clean_fraction": float(clean[labeled].mean()),
-                "ramp": ramp,
-                **totals,
-                "seconds": time.perf_counter() - start,
-            }
-            self.epoch_log.append(entry)
-            if on_epoch is not None:
-                on_epoch(entry)
-        self._finish(source, y, history)
+        self._optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.01)
+        self._beta = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha)
+        self._rng = np.random.default_rng(cfg.seed)
+        self._clean = np.zeros(len(texts), dtype=bool)
+        self._clean[self._labeled] = True
+        history = self._run_epochs(on_epoch)
+        self._finish(self._source, y, history)
         return self
 
-    def _item_losses(
-        self, source: torch.Tensor | list[str], y: np.ndarray, labeled: np.ndarray
-    ) -> np.ndarray:
+    # -- the hooks of the robust schedule --------------------------------------------------------------
+    def _losses_now(self) -> np.ndarray:
+        return self._ce(self._source, self._y, self._labeled)
+
+    def _item_losses(self, losses: np.ndarray) -> np.ndarray:
+        return losses
+
+    def _split(self, losses: np.ndarray) -> None:
+        cfg = self.config
+        groups = self._y[self._labeled] if cfg.split_per_class else None
+        mask, _ = split_clean(losses, cfg.clean_threshold, cfg.seed, groups)
+        self._clean[:] = False
+        self._clean[self._labeled[mask]] = True
+
+    def _clean_fraction(self) -> float:
+        return float(self._clean[self._labeled].mean())
+
+    def _ce(self, source: torch.Tensor | list[str], y: np.ndarray, labeled: np.ndarray) -> np.ndarray:
         """Cross-entropy of each labeled item against its given label, on the un-augmented input."""
         logits = self._logits(source)[labeled]
         return F.cross_entropy(logits, torch.as_tensor(y[labeled]), reduction="none").numpy()
 
-    def _train_epoch(
+    def _train_epoch(self, ramp: float) -> dict[str, float]:
+        cfg = self.config
+        epoch = len(self.epoch_log)
+        view = self._fixed_views
+        if cfg.robust and cfg.lambda_u > 0 and cfg.mode == "finetune" and self._views is None and epoch > 0:
+            view = make_views(self._texts, cfg.seed + epoch)
+        used = np.arange(len(self._texts)) if ramp > 0 else self._labeled
+        return self._pass(
+            used, self._source, view, self._y_t, self._clean, ramp, self._optimizer, self._beta, self._rng
+        )
+
+    def _pass(
         self,
         used: np.ndarray,
         source: torch.Tensor | list[str],
@@ -291,26 +293,11 @@ class SLMClassifier:
     def predict(self, texts: Sequence[str]) -> list[str]:
         return [self.labels[i] for i in self.predict_proba(texts).argmax(1)]
 
-    def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta = {"labels": self.labels, "config": self.config.model_dump(), "backbone": self.backbone}
-        tmp = folder / "model.pt.tmp"
-        torch.save(self.net.state_dict(), tmp)
-        tmp.replace(folder / "model.pt")
-        write_text_atomic(folder / "slm.json", json.dumps(meta, indent=2))
+    def _meta(self) -> dict:
+        return {"labels": self.labels, "config": self.config.model_dump(), "backbone": self.backbone}
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "auto") -> SLMClassifier:
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / "slm.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FreeALError(f"{folder}: not a saved SLM ({exc})") from exc
-        config = SLMConfig(**{**meta["config"], "backbone": meta["backbone"], "device": device})
-        model = cls(meta["labels"], config)
-        model._build()
-        model.net.load_state_dict(
-            torch.load(folder / "model.pt", map_location=model.device, weights_only=True)
+    def _from_meta(cls, meta: dict, device: str) -> SLMClassifier:
+        return cls(
+            meta["labels"], SLMConfig(**{**meta["config"], "backbone": meta["backbone"], "device": device})
         )
-        return model

@@ -19,10 +19,7 @@ from the first at prediction).
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,12 +27,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from freeal.config import SLMConfig
-from freeal.data import write_text_atomic
 from freeal.embed import encoder_path, torch_device
 from freeal.errors import FreeALError
 from freeal.ner import tag_names
 from freeal.slm.losses import symmetric_kl
 from freeal.slm.noise import split_clean
+from freeal.slm.robust import RobustTrainer
 
 
 class _TagNet(nn.Module):
@@ -48,7 +45,7 @@ class _TagNet(nn.Module):
         return self.head(self.encoder(**batch).last_hidden_state)
 
 
-class SLMTagger:
+class SLMTagger(RobustTrainer):
     """Token tagger over an entity-type list (scikit-learn style: ``fit`` / ``predict``).
 
     After :meth:`fit`, for the training sentences: ``train_tags_`` (predicted tags),
@@ -57,6 +54,9 @@ class SLMTagger:
     ``clean_mask_`` (sentence level: with ``split_unit='token'`` a sentence is clean when all its
     tokens are).
     """
+
+    WEIGHTS = "weights.pt"
+    META = "tagger.json"
 
     def __init__(self, types: Sequence[str], config: SLMConfig | None = None) -> None:
         if not types:
@@ -154,52 +154,57 @@ class SLMTagger:
         if len(labeled) == 0:
             raise FreeALError("no sentence has tags: the tagger has nothing to learn from")
         given = [list(t) if t is not None else ["O"] * len(w) for t, w in zip(tags, words, strict=True)]
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr or 1e-4, weight_decay=0.01)
-        rng = np.random.default_rng(cfg.seed)
-        token_clean: list[np.ndarray] = [np.ones(len(w), dtype=bool) for w in words]
-        sentence_clean = np.zeros(len(words), dtype=bool)
-        sentence_clean[labeled] = True
-        history: list[np.ndarray] = []
-        groups = self._signatures([given[i] for i in labeled]) if cfg.split_per_class else None
-        self._groups = groups
-        self.epoch_log: list[dict] = []
-        for epoch in range(cfg.epochs):
-            robust_now = cfg.robust and epoch >= cfg.warmup_epochs
-            ramp = min(1.0, (epoch - cfg.warmup_epochs + 1) / cfg.rampup_epochs) if robust_now else 0.0
-            if epoch > 0:
-                losses = self._losses([words[i] for i in labeled], [given[i] for i in labeled])
-                history.append(np.asarray([x.mean() if len(x) else 0.0 for x in losses]))
-                if robust_now:
-                    sentence_clean[:] = False
-                    token_clean = [np.zeros(len(w), dtype=bool) for w in words]
-                    if self.split_unit == "sentence":
-                        mask, _ = split_clean(history[-1], cfg.clean_threshold, cfg.seed, groups)
-                        for i, m in zip(labeled, mask, strict=True):
-                            sentence_clean[i] = m
-                            token_clean[i][:] = m
-                    else:
-                        flat = np.concatenate(losses)
-                        mask, _ = split_clean(flat, cfg.clean_threshold, cfg.seed)
-                        cut = np.cumsum([len(x) for x in losses])[:-1]
-                        for i, m in zip(labeled, np.split(mask, cut), strict=True):
-                            token_clean[i][: len(m)] = m
-                            sentence_clean[i] = bool(m.all())
-            start = time.perf_counter()
-            totals = self._epoch(words, given, labeled, token_clean, sentence_clean, ramp, optimizer, rng)
-            entry = {
-                "epoch": epoch + 1,
-                "clean_fraction": float(sentence_clean[labeled].mean()),
-                "ramp": ramp,
-                **totals,
-                "seconds": time.perf_counter() - start,
-            }
-            self.epoch_log.append(entry)
-            if on_epoch is not None:
-                on_epoch(entry)
+        self._words, self._given, self._labeled = words, given, labeled
+        self._optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr or 1e-4, weight_decay=0.01)
+        self._rng = np.random.default_rng(cfg.seed)
+        self._token_clean: list[np.ndarray] = [np.ones(len(w), dtype=bool) for w in words]
+        self._sentence_clean = np.zeros(len(words), dtype=bool)
+        self._sentence_clean[labeled] = True
+        self._groups = self._signatures([given[i] for i in labeled]) if cfg.split_per_class else None
+        history = self._run_epochs(on_epoch)
         self._finish(words, given, labeled, history)
         return self
 
-    def _epoch(
+    # -- the hooks of the robust schedule --------------------------------------------------------------
+    def _losses_now(self) -> list[np.ndarray]:
+        return self._losses([self._words[i] for i in self._labeled], [self._given[i] for i in self._labeled])
+
+    def _item_losses(self, losses: list[np.ndarray]) -> np.ndarray:
+        return np.asarray([x.mean() if len(x) else 0.0 for x in losses])
+
+    def _split(self, losses: list[np.ndarray]) -> None:
+        cfg = self.config
+        self._sentence_clean[:] = False
+        self._token_clean = [np.zeros(len(w), dtype=bool) for w in self._words]
+        if self.split_unit == "sentence":
+            mask, _ = split_clean(self._item_losses(losses), cfg.clean_threshold, cfg.seed, self._groups)
+            for i, m in zip(self._labeled, mask, strict=True):
+                self._sentence_clean[i] = m
+                self._token_clean[i][:] = m
+        else:
+            flat = np.concatenate(losses)
+            mask, _ = split_clean(flat, cfg.clean_threshold, cfg.seed)
+            cut = np.cumsum([len(x) for x in losses])[:-1]
+            for i, m in zip(self._labeled, np.split(mask, cut), strict=True):
+                self._token_clean[i][: len(m)] = m
+                self._sentence_clean[i] = bool(m.all())
+
+    def _clean_fraction(self) -> float:
+        return float(self._sentence_clean[self._labeled].mean())
+
+    def _train_epoch(self, ramp: float) -> dict[str, float]:
+        return self._pass(
+            self._words,
+            self._given,
+            self._labeled,
+            self._token_clean,
+            self._sentence_clean,
+            ramp,
+            self._optimizer,
+            self._rng,
+        )
+
+    def _pass(
         self,
         words: list[list[str]],
         given: list[list[str]],
@@ -296,36 +301,18 @@ class SLMTagger:
             raise FreeALError("the tagger is not trained: call fit() or load() first")
         return self._predict(sentences)[0]
 
-    def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(self.net.state_dict(), folder / "weights.pt")
-        meta = {
+    def _meta(self) -> dict:
+        return {
             "types": self.types,
             "split_unit": self.split_unit,
             "config": self.config.model_dump(mode="json"),
             "backbone": self.backbone,
         }
-        write_text_atomic(folder / "tagger.json", json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "auto") -> SLMTagger:
-        folder = Path(folder)
-        meta = json.loads((folder / "tagger.json").read_text())
-        config = SLMConfig(
-            **{
-                **meta["config"],
-                "device": device,
-                "backbone": meta["backbone"],
-                "split_unit": meta["split_unit"],
-            }
-        )
-        tagger = cls(meta["types"], config)
-        tagger._build()
-        tagger.net.load_state_dict(
-            torch.load(folder / "weights.pt", map_location=tagger.device, weights_only=True)
-        )
-        return tagger
+    def _from_meta(cls, meta: dict, device: str) -> SLMTagger:
+        saved = {"device": device, "backbone": meta["backbone"], "split_unit": meta["split_unit"]}
+        return cls(meta["types"], SLMConfig(**{**meta["config"], **saved}))
 
 
 def _repair(tags: list[str]) -> list[str]:

@@ -1,0 +1,37 @@
+"""Optional parts of freeal and the pip extra that brings each.
+
+``pip install freeal`` labels with an OpenAI-compatible server alone; the embedded LLM needs
+``freeal[local]`` (llama-cpp-python, compiled on install), the SLM and the loop's embeddings need
+``freeal[slm]`` (torch, transformers, sentence-transformers), ``freeal serve`` needs
+``freeal[serve]``. Code that uses a part calls :func:`require` first, so a missing part is one
+error naming the pip command instead of an ImportError deep in a run.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from freeal.errors import FreeALError
+
+#: The extra that installs each optional top-level module.
+EXTRA_OF = {
+    "llama_cpp": "local",
+    "torch": "slm",
+    "transformers": "slm",
+    "sentence_transformers": "slm",
+    "uvicorn": "serve",
+    "fastapi": "serve",
+}
+
+
+def require(*modules: str, what: str) -> None:
+    """Import ``modules`` or raise one :class:`FreeALError` saying which extra ``what`` needs."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            extra = EXTRA_OF.get(module, "all")
+            raise FreeALError(
+                f"{what} needs the Python package {module!r}, which is not installed: "
+                f"pip install 'freeal[{extra}]'"
+            ) from exc
