@@ -353,13 +353,7 @@ def _validate(
         if id_col is None:
             ids.append(str(len(ids)))
         else:
-            rid = _scalar_str(row[id_col], where, id_col)
-            if rid is None:
-                raise FreeALError(f"{where}: {id_col} is empty")
-            if rid in first_row_of:
-                raise FreeALError(f"{where}: duplicate {id_col} {rid!r} (first at row {first_row_of[rid]})")
-            first_row_of[rid] = n
-            ids.append(rid)
+            ids.append(_unique_id(row[id_col], where, id_col, n, first_row_of))
 
         for kind, label_col in present.items():
             label = _scalar_str(row.get(label_col), where, label_col)
@@ -377,6 +371,17 @@ def _validate(
     return Items(
         ids=ids, texts=texts, gold=labels.get("gold"), source=src, extra=extra, given=labels.get("given")
     )
+
+
+def _unique_id(value: Any, where: str, col: str, n: int, first_row_of: dict[str, int]) -> str:
+    """A row's id as a string, refused when empty or already taken (``first_row_of`` records them)."""
+    rid = _scalar_str(value, where, col)
+    if rid is None:
+        raise FreeALError(f"{where}: {col} is empty")
+    if rid in first_row_of:
+        raise FreeALError(f"{where}: duplicate {col} {rid!r} (first at row {first_row_of[rid]})")
+    first_row_of[rid] = n
+    return rid
 
 
 def _scalar_str(value: Any, where: str, col: str) -> str | None:
@@ -518,13 +523,7 @@ def read_sentences(
                 raise FreeALError(f"{where}: tags must be strings (IOB2 tags such as O or B-{_first(task)})")
             if task is not None:
                 check_tags(tags, task.label_names, where)
-        rid = _scalar_str(row["id"], where, "id") if "id" in row else str(n)
-        if rid is None:
-            raise FreeALError(f"{where}: id is empty")
-        if rid in first_row_of:
-            raise FreeALError(f"{where}: duplicate id {rid!r} (first at row {first_row_of[rid]})")
-        first_row_of[rid] = n
-        ids.append(rid)
+        ids.append(_unique_id(row["id"], where, "id", n, first_row_of) if "id" in row else str(n))
         tokens.append([str(t) for t in toks])
         gold.append(tags)
     out = Sentences(ids, tokens, gold if any(g is not None for g in gold) else None, source)
