@@ -12,6 +12,7 @@ from freeal.errors import FreeALError
 from freeal.llm.base import LabelScores, Message
 from freeal.llm.openai_compat import (
     FLOOR_MARGIN,
+    WORKER_THREADS,
     OpenAICompatAnnotator,
     label_scores_from_top,
     parse_label,
@@ -67,7 +68,7 @@ def run_all(ann: OpenAICompatAnnotator, texts: list[str]) -> list[LabelScores]:
 
 
 def no_worker_threads() -> bool:
-    return not any(t.name == "freeal-openai-compat" for t in threading.enumerate())
+    return not any(t.name.startswith(WORKER_THREADS) for t in threading.enumerate())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -312,3 +312,63 @@ def test_an_api_key_never_goes_over_plain_http_beyond_this_machine(url, refused,
         assert "refusing" not in ask(allow_plain_http=True) and sent  # the user opted in
     else:
         assert "refusing" not in ask() and sent
+
+
+SHARED_CACHE_CHILD = """
+import json, sys
+from freeal.data import read_items
+from freeal.llm.cache import CachedAnnotator, CallCache
+from freeal.llm.llamacpp import LlamaCppAnnotator
+from freeal.llm.models import resolve_model
+from freeal.llm.prompts import classification_prompt
+from freeal.tasks import load_task
+task = load_task(sys.argv[1])
+items = read_items(sys.argv[2], task=task, limit=24, seed=4)
+path, name = resolve_model("smollm2-135m")
+llm = LlamaCppAnnotator(path, name=name, n_ctx=512, n_threads=1)
+annotator = CachedAnnotator(llm, CallCache(sys.argv[3]))
+prompts = [classification_prompt(task, t) for t in items.texts]
+answers = dict(annotator.score_many(prompts, task.label_names))
+print(json.dumps({"calls": annotator.ledger.calls, "answers": len(answers)}))
+"""
+
+
+def test_two_processes_on_one_cache_never_pay_for_the_same_call(data_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    args = [str(data_dir / "sst2"), str(data_dir / "sst2" / "test.jsonl"), str(tmp_path / "shared.sqlite")]
+    both = [
+        subprocess.Popen([sys.executable, "-c", SHARED_CACHE_CHILD, *args], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    found = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in both]
+    assert [f["answers"] for f in found] == [24, 24]
+    assert sum(f["calls"] for f in found) == 24  # one process asked; the other found its answers
+
+
+def test_endpoints_come_from_a_run_config(data_dir, tmp_path):
+    from freeal.cli import load_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"""
+task: {data_dir / "sst2"}
+data: {{path: {data_dir / "sst2" / "test.jsonl"}}}
+out: out
+llm:
+  backend: openai
+  model: served-model
+  endpoints:
+    - {{base_url: "http://127.0.0.1:8001/v1"}}
+    - {{base_url: "http://127.0.0.1:8002/v1", api_key_env: KEY_2}}
+"""
+    )
+    cfg = load_run_config(config)
+    assert [e.api_key_env for e in cfg.llm.endpoints] == ["OPENAI_API_KEY", "KEY_2"]
+    identity = annotator_identity(cfg.llm)
+    assert "127.0.0.1:8001" in identity and "127.0.0.1:8002" in identity
+    config.write_text(config.read_text().replace("{base_url:", "{url:", 1))
+    with pytest.raises(FreeALError, match="endpoints"):
+        load_run_config(config)

@@ -366,8 +366,7 @@ def run(
     loop = FreeAL(
         the_task, cfg.llm, cfg.slm, cfg.loop, run_dir=out or cfg.out, progress=not quiet, say=console.print
     )
-    unit = "sentences" if the_task.kind == "ner" else "texts"
-    console.print(f"{len(items)} {unit} from {items.source}; run folder {loop.run_dir}")
+    console.print(f"{len(items)} {loop.kind.unit} from {items.source}; run folder {loop.run_dir}")
     try:
         loop.fit(items, test=test)
     except KeyboardInterrupt:

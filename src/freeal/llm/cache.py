@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from filelock import FileLock
+
 from freeal.errors import FreeALError
 from freeal.llm.base import Annotator, Generation, LabelScores, Message
 
@@ -74,6 +76,10 @@ class CallCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        #: held while this process asks the LLM for answers missing from the cache, so that two
+        #: processes sharing the file never both pay for the same prompt (the second waits, then
+        #: finds the first one's answers)
+        self.asking = FileLock(f"{self.path}.lock")
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -151,9 +157,10 @@ class CachedAnnotator:
         self, prompts: Sequence[list[Message]], labels: Sequence[str]
     ) -> Iterator[tuple[int, LabelScores]]:
         keys = [cache_key(self.identity, self.mode, p, labels) for p in prompts]
-        hits = {k: LabelScores.from_json(v) for k, v in self.cache.get_many(keys).items()}
         yield from self._through_cache(
-            keys, hits, lambda todo: self.inner.score_many([prompts[i] for i in todo], labels)
+            keys,
+            LabelScores.from_json,
+            lambda todo: self.inner.score_many([prompts[i] for i in todo], labels),
         )
 
     def generate_many(
@@ -171,10 +178,9 @@ class CachedAnnotator:
             cache_key(self.identity, mode if grammars is None else f"{mode},grammar={grammars[i]}", p)
             for i, p in enumerate(prompts)
         ]
-        hits = {k: Generation.from_json(v) for k, v in self.cache.get_many(keys).items()}
         yield from self._through_cache(
             keys,
-            hits,
+            Generation.from_json,
             lambda todo: self.inner.generate_many(
                 [prompts[i] for i in todo],
                 max_tokens=max_tokens,
@@ -185,10 +191,14 @@ class CachedAnnotator:
         )
 
     def _through_cache(
-        self, keys: list[str], hits: dict[str, A], ask: Callable[[list[int]], Iterable[tuple[int, A]]]
+        self,
+        keys: list[str],
+        parse: Callable[[dict], A],
+        ask: Callable[[list[int]], Iterable[tuple[int, A]]],
     ) -> Iterator[tuple[int, A]]:
         """Yield cached answers, then ask ``ask`` for the rest (given their positions; it yields
         positions in that list), storing each answer as it arrives."""
+        hits = {k: parse(v) for k, v in self.cache.get_many(keys).items()}
         missing: list[int] = []
         for i, key in enumerate(keys):
             if key in hits:
@@ -196,16 +206,29 @@ class CachedAnnotator:
                 yield i, hits[key]
             else:
                 missing.append(i)
-        # Identical prompts inside one request are asked once; the copies reuse the answer.
-        copies: dict[str, list[int]] = {}
-        for i in missing:
-            copies.setdefault(keys[i], []).append(i)
-        todo = [group[0] for group in copies.values()]
-        for j, answer in ask(todo):
-            first, *rest = copies[keys[todo[j]]]
-            self.cache.put(keys[first], answer)
-            self.ledger.add(answer, cached=False)
-            yield first, answer
-            for i in rest:
-                self.ledger.add(answer, cached=True)
-                yield i, answer
+        if not missing:
+            return
+        with self.cache.asking:
+            # Another process may have answered some of them while this one waited for the lock.
+            late = self.cache.get_many([keys[i] for i in missing])
+            still: list[int] = []
+            for i in missing:
+                if keys[i] in late:
+                    answer = parse(late[keys[i]])
+                    self.ledger.add(answer, cached=True)
+                    yield i, answer
+                else:
+                    still.append(i)
+            # Identical prompts inside one request are asked once; the copies reuse the answer.
+            copies: dict[str, list[int]] = {}
+            for i in still:
+                copies.setdefault(keys[i], []).append(i)
+            todo = [group[0] for group in copies.values()]
+            for j, answer in ask(todo) if todo else ():
+                first, *rest = copies[keys[todo[j]]]
+                self.cache.put(keys[first], answer)
+                self.ledger.add(answer, cached=False)
+                yield first, answer
+                for i in rest:
+                    self.ledger.add(answer, cached=True)
+                    yield i, answer

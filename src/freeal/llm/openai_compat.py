@@ -1,30 +1,31 @@
 """Annotator backend for any OpenAI-compatible chat-completions server.
 
 Works against OpenAI itself, vLLM, the llama.cpp server and Ollama: all speak
-``POST {base_url}/chat/completions``. Only :mod:`httpx` is used (no SDK), with an asyncio event loop
-run in a private thread so that the synchronous caller receives answers one by one as they complete.
+``POST {base_url}/chat/completions``. Requests go out with :mod:`httpx` from a pool of threads
+(``max_concurrency`` per endpoint) and are retried with :mod:`tenacity`; the caller receives the
+answers one by one as they complete. (The ``openai`` SDK was tried: it returns a plain string for a
+garbled 200 answer and always sends an ``Authorization`` header, where local servers need none.)
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import email.utils
 import ipaddress
 import json
 import logging
 import math
 import os
-import queue
 import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import tenacity
 
 from freeal.errors import FreeALError
 from freeal.llm.base import Generation, LabelScores, Message
@@ -32,6 +33,8 @@ from freeal.llm.base import Generation, LabelScores, Message
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: Name prefix of the threads that send requests.
+WORKER_THREADS = "freeal-openai-compat"
 
 #: How far below the least likely listed token a label absent from ``top_logprobs`` is put (nats).
 #: The server lists the ``top_logprobs`` most likely first tokens, so an absent label is less likely
@@ -166,7 +169,7 @@ class _TokenBucket:
 
     A request larger than the capacity waits for a full bucket and then drives it negative (debt), so
     the long-run rate stays right. The state lives on the annotator, so it also spans ``score_many``
-    calls; only short critical sections hold the lock (never across an ``await``).
+    calls; only short critical sections hold the lock (never while sleeping).
     """
 
     def __init__(self, per_minute: float) -> None:
@@ -198,12 +201,9 @@ class _TokenBucket:
             self._refill(time.monotonic())
             self._level = min(self.capacity, self._level - extra)
 
-    async def acquire(self, cost: float) -> None:
-        while True:
-            wait = self.try_take(cost)
-            if wait <= 0:
-                return
-            await asyncio.sleep(wait)
+    def acquire(self, cost: float) -> None:
+        while (wait := self.try_take(cost)) > 0:
+            time.sleep(wait)
 
 
 @dataclass
@@ -219,13 +219,14 @@ class _Endpoint:
 
 @dataclass
 class _RunEndpoint:
-    """Per-run state of an endpoint: its concurrency bound and the key read for this run."""
+    """Per-call state of an endpoint: the key read for this call, its HTTP client, its concurrency
+    bound and how many requests it has in flight (to pick the least busy)."""
 
     ep: _Endpoint
     key: str | None
-    semaphore: asyncio.Semaphore
+    client: httpx.Client
+    slots: threading.BoundedSemaphore
     active: int = 0
-    sent: int = 0
 
 
 class _RetryableError(Exception):
@@ -465,8 +466,8 @@ class OpenAICompatAnnotator:
     ) -> Iterator[tuple[int, LabelScores]]:
         """Answer every prompt; yield ``(index, answer)`` as each completes, in completion order.
 
-        The requests run on an asyncio loop in a private thread; closing the iterator early (or an
-        error) cancels the outstanding requests and joins that thread before returning.
+        Closing the iterator early (or an error) drops the queued requests, ends those in flight
+        and waits for the worker threads before returning.
         """
         labels = [str(label) for label in labels]
         if not labels:
@@ -498,6 +499,9 @@ class OpenAICompatAnnotator:
     def _stream(
         self, prompts: list[list[Message]], labels: list[str], sampling: dict[str, Any] | None
     ) -> Iterator[tuple[int, Any]]:
+        """Answer ``prompts`` on a pool of threads, ``max_concurrency`` per endpoint; yield each
+        answer as it completes. Closing early (or an error) closes the HTTP clients, which ends the
+        requests in flight, and waits for the threads."""
         if not prompts:
             return
         keys = {ep.api_key_env: (os.environ.get(ep.api_key_env) or None) for ep in self._endpoints}
@@ -508,24 +512,34 @@ class OpenAICompatAnnotator:
                     f"plain http to {_clean_url(ep.base_url)} (not this machine); use https, or set "
                     "llm.allow_plain_http: true if that network is trusted"
                 )
-        out: queue.Queue[tuple[str, Any]] = queue.Queue()
-        run = _Run(self, prompts, labels, keys, out, sampling)
-        thread = threading.Thread(target=run.thread_main, name="freeal-openai-compat", daemon=True)
-        thread.start()
-        remaining = len(prompts)
+        limits = httpx.Limits(
+            max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
+        )
+        run = _Run(
+            self,
+            [
+                _RunEndpoint(
+                    ep=ep,
+                    key=keys[ep.api_key_env],
+                    client=httpx.Client(timeout=httpx.Timeout(self.timeout), limits=limits),
+                    slots=threading.BoundedSemaphore(self.max_concurrency),
+                )
+                for ep in self._endpoints
+            ],
+            labels,
+            sampling,
+        )
+        workers = min(len(prompts), self.max_concurrency * len(self._endpoints))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=WORKER_THREADS)
         try:
-            while remaining:
-                kind, payload = out.get()
-                if kind == "result":
-                    remaining -= 1
-                    yield payload
-                elif kind == "error":
-                    raise payload
-                else:  # "end" before every answer arrived: cannot happen unless cancelled
-                    raise FreeALError("OpenAI-compatible annotator: the request loop stopped early.")
+            pending = {pool.submit(run.answer, p): i for i, p in enumerate(prompts)}
+            for done in as_completed(pending):
+                yield pending[done], done.result()
         finally:
-            run.cancel()
-            thread.join()
+            run.stopped = True
+            for endpoint in run.endpoints:
+                endpoint.client.close()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # ---------------------------------------------------------------------------------------------
     # Helpers used by the run
@@ -563,105 +577,39 @@ class OpenAICompatAnnotator:
         return body
 
 
+class _Stopped(Exception):
+    """The caller closed the stream: a request still queued is not sent."""
+
+
 class _Run:
-    """One ``score_many`` call: an event loop in a worker thread, results pushed to ``out``."""
+    """One ``score_many``/``generate_many`` call: the endpoints with this call's keys and clients,
+    and how one prompt is answered (run by the pool's threads)."""
 
     def __init__(
         self,
         owner: OpenAICompatAnnotator,
-        prompts: list[list[Message]],
+        endpoints: list[_RunEndpoint],
         labels: list[str],
-        keys: dict[str, str | None],
-        out: queue.Queue[tuple[str, Any]],
-        sampling: dict[str, Any] | None = None,
+        sampling: dict[str, Any] | None,
     ) -> None:
         self.owner = owner
-        self.sampling = sampling  # set: write free text with these settings instead of scoring labels
-        self.prompts = prompts
+        self.endpoints = endpoints
         self.labels = labels
-        self._keys = keys
-        self.out = out
+        self.sampling = sampling  # set: write free text with these settings instead of scoring labels
+        self.stopped = False
         self._lock = threading.Lock()
-        self._cancelled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    # thread side ------------------------------------------------------------------------------
-
-    def thread_main(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except asyncio.CancelledError:
-            pass
-        except BaseException as exc:
-            self.out.put(("error", exc))
-        finally:
-            self.out.put(("end", None))
-
-    def cancel(self) -> None:
-        """Called from the consumer thread: stop outstanding work (idempotent)."""
-        with self._lock:
-            self._cancelled = True
-            loop, task = self._loop, self._task
-            if loop is not None and task is not None and not task.done():
-                with contextlib.suppress(RuntimeError):  # loop already closed
-                    loop.call_soon_threadsafe(task.cancel)
-
-    # loop side --------------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        for key in self._keys.values():
-            if key:
-                text = text.replace(key, "***")
+        for endpoint in self.endpoints:
+            if endpoint.key:
+                text = text.replace(endpoint.key, "***")
         return text
 
-    async def _main(self) -> None:
-        with self._lock:
-            if self._cancelled:
-                return
-            self._loop = asyncio.get_running_loop()
-            self._task = asyncio.current_task()
-        owner = self.owner
-        self.endpoints = [
-            _RunEndpoint(
-                ep=ep, key=self._keys.get(ep.api_key_env), semaphore=asyncio.Semaphore(owner.max_concurrency)
-            )
-            for ep in owner._endpoints
-        ]
-        todo: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(len(self.prompts)):
-            todo.put_nowait(i)
-        n_workers = min(len(self.prompts), owner.max_concurrency * len(self.endpoints))
-        total = owner.max_concurrency * len(self.endpoints)
-        limits = httpx.Limits(max_connections=total, max_keepalive_connections=total)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(owner.timeout), limits=limits) as client:
-            self.client = client
-            workers = [asyncio.create_task(self._worker(todo)) for _ in range(n_workers)]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-
-    async def _worker(self, todo: asyncio.Queue[int]) -> None:
-        while True:
-            try:
-                index = todo.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            messages = self.prompts[index]
-            answer = await (self._generate_one(messages) if self.sampling else self._score_one(messages))
-            self.out.put(("result", (index, answer)))
-
-    async def _generate_one(self, messages: list[Message]) -> Generation:
+    def answer(self, messages: list[Message]) -> LabelScores | Generation:
         usage = _Usage()
-        completion = await self._complete(messages, usage)
-        return Generation(completion.text, usage.prompt_tokens, usage.completion_tokens)
-
-    async def _score_one(self, messages: list[Message]) -> LabelScores:
-        usage = _Usage()
-        first = await self._complete(messages, usage)
+        first = self._complete(messages, usage)
+        if self.sampling:
+            return Generation(first.text, usage.prompt_tokens, usage.completion_tokens)
         label, scores = interpret(first.text, first.candidates, self.labels)
         if label is None:
             followup: list[Message] = [
@@ -669,7 +617,7 @@ class _Run:
                 {"role": "assistant", "content": first.text},
                 reask_message(self.labels),
             ]
-            second = await self._complete(followup, usage)
+            second = self._complete(followup, usage)
             label, scores = interpret(second.text, second.candidates, self.labels)
         return LabelScores(
             label=label,
@@ -680,78 +628,87 @@ class _Run:
         )
 
     def _pick_endpoint(self) -> _RunEndpoint:
+        """The least busy endpoint not cooling down after a 429 (round-robin among equals)."""
         owner = self.owner
-        now = time.monotonic()
-        n = len(self.endpoints)
-        start = owner._rr % n
-        order = [self.endpoints[(start + k) % n] for k in range(n)]
-        best = min(order, key=lambda e: (max(0.0, e.ep.cooldown_until - now), e.active))
-        owner._rr = (self.endpoints.index(best) + 1) % n
+        with self._lock:
+            now = time.monotonic()
+            n = len(self.endpoints)
+            order = [self.endpoints[(owner._rr + k) % n] for k in range(n)]
+            best = min(order, key=lambda e: (max(0.0, e.ep.cooldown_until - now), e.active))
+            owner._rr = (self.endpoints.index(best) + 1) % n
+            best.active += 1
         return best
 
-    async def _complete(self, messages: list[Message], usage: _Usage) -> _Completion:
-        """One chat completion with retries; adds the server's token usage to ``usage``."""
+    def _complete(self, messages: list[Message], usage: _Usage) -> _Completion:
+        """One chat completion, retried (tenacity) on 429, 5xx, timeouts, connection errors and
+        unreadable bodies with exponential backoff and jitter, at least as long as ``Retry-After``
+        asks; adds the server's token usage to ``usage``."""
         owner = self.owner
         body = owner._request_body(messages)
         if self.sampling:
             body.update(self.sampling)
             body.pop("logprobs", None)
             body.pop("top_logprobs", None)
-        last_error = "no attempt made"
-        for attempt in range(owner.max_retries + 1):
-            endpoint = self._pick_endpoint()
-            endpoint.active += 1
-            error: _RetryableError | None = None
-            try:
-                completion = await self._attempt(endpoint, body, messages)
-            except _RetryableError as exc:
-                error = exc
-            finally:
-                endpoint.active -= 1
-            if error is None:
-                usage.prompt_tokens += completion.prompt_tokens
-                usage.completion_tokens += completion.completion_tokens
-                return completion
-            last_error = str(error)
-            if attempt == owner.max_retries:
-                break
-            delay = owner._backoff(attempt)
-            if error.retry_after is not None:
-                delay = max(delay, min(error.retry_after, 600.0))
-            log.warning(
-                "%s (attempt %d/%d); retrying in %.2fs", last_error, attempt + 1, owner.max_retries + 1, delay
-            )
-            await asyncio.sleep(delay)
-        raise FreeALError(
-            f"OpenAI-compatible server gave no usable answer after {owner.max_retries + 1} attempts: "
-            f"{last_error}"
-        )
 
-    async def _attempt(
-        self, endpoint: _RunEndpoint, body: dict[str, Any], messages: list[Message]
-    ) -> _Completion:
+        def wait(state: tenacity.RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            delay = owner._backoff(state.attempt_number - 1)
+            after = getattr(error, "retry_after", None)
+            return max(delay, min(after, 600.0)) if after is not None else delay
+
+        def warn(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning("%s (attempt %d/%d); retrying", error, state.attempt_number, owner.max_retries + 1)
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(owner.max_retries + 1),
+            wait=wait,
+            retry=tenacity.retry_if_exception_type(_RetryableError),
+            before_sleep=warn,
+            reraise=True,
+        )
+        try:
+            completion = retrying(self._attempt, body, messages)
+        except _RetryableError as exc:
+            tries = owner.max_retries + 1
+            raise FreeALError(
+                f"OpenAI-compatible server gave no usable answer after {tries} attempts: {exc}"
+            ) from None
+        usage.prompt_tokens += completion.prompt_tokens
+        usage.completion_tokens += completion.completion_tokens
+        return completion
+
+    def _attempt(self, body: dict[str, Any], messages: list[Message]) -> _Completion:
+        if self.stopped:
+            raise _Stopped
+        endpoint = self._pick_endpoint()
+        try:
+            return self._send(endpoint, body, messages)
+        finally:
+            with self._lock:
+                endpoint.active -= 1
+
+    def _send(self, endpoint: _RunEndpoint, body: dict[str, Any], messages: list[Message]) -> _Completion:
         owner = self.owner
         ep = endpoint.ep
-        url = ep.base_url + "/chat/completions"
         shown = _clean_url(ep.base_url)
         wait = ep.cooldown_until - time.monotonic()
         if wait > 0:
-            await asyncio.sleep(wait)
-        async with endpoint.semaphore:
+            time.sleep(wait)
+        with endpoint.slots:
             estimate = owner._estimate_tokens(messages)
             if ep.requests is not None:
-                await ep.requests.acquire(1.0)
+                ep.requests.acquire(1.0)
             if ep.tokens is not None:
-                await ep.tokens.acquire(estimate)
-            headers = {"Content-Type": "application/json"}
-            if endpoint.key:
-                headers["Authorization"] = f"Bearer {endpoint.key}"
-            endpoint.sent += 1
+                ep.tokens.acquire(estimate)
+            headers = {"Authorization": f"Bearer {endpoint.key}"} if endpoint.key else {}
             try:
-                response = await self.client.post(url, json=body, headers=headers)
+                response = endpoint.client.post(ep.base_url + "/chat/completions", json=body, headers=headers)
             except httpx.TimeoutException as exc:
                 raise _RetryableError(f"{shown}: request timed out after {owner.timeout:g}s") from exc
-            except httpx.RequestError as exc:
+            except (httpx.RequestError, RuntimeError) as exc:  # RuntimeError: the client was closed
+                if self.stopped:
+                    raise _Stopped from exc
                 raise _RetryableError(f"{shown}: connection failed ({type(exc).__name__})") from exc
 
         status = response.status_code
@@ -759,14 +716,16 @@ class _Run:
             retry_after = _parse_retry_after(response.headers)
             if status == 429 and retry_after is not None:
                 ep.cooldown_until = max(ep.cooldown_until, time.monotonic() + min(retry_after, 600.0))
-            message = self._scrub(_server_message(response))
-            raise _RetryableError(f"{shown} answered HTTP {status}: {message}", retry_after)
+            raise _RetryableError(
+                f"{shown} answered HTTP {status}: {self._scrub(_server_message(response))}", retry_after
+            )
         if status >= 400:
-            message = self._scrub(_server_message(response))
             hint = ""
             if status in (401, 403) and not endpoint.key:
                 hint = f" (no API key: environment variable {ep.api_key_env} is not set)"
-            raise FreeALError(f"{shown} answered HTTP {status}: {message}{hint}")
+            raise FreeALError(
+                f"{shown} answered HTTP {status}: {self._scrub(_server_message(response))}{hint}"
+            )
         try:
             payload = response.json()
             choice = payload["choices"][0]
