@@ -289,11 +289,16 @@ def test_an_api_key_never_goes_over_plain_http_beyond_this_machine(url, refused,
 
     sent: list[str] = []
 
-    async def no_network(self, request, **kw):  # type: ignore[no-untyped-def]
+    def no_network(self, request, **kw):  # type: ignore[no-untyped-def]
         sent.append(str(request.url))  # nothing leaves this machine in this test
         raise httpx.ConnectError("no network in this test", request=request)
 
-    monkeypatch.setattr(httpx.AsyncClient, "send", no_network)
+    async def no_network_async(self, request, **kw):  # type: ignore[no-untyped-def]
+        return no_network(self, request)
+
+    # every way httpx sends, at the transport level: no request can reach any address
+    monkeypatch.setattr(httpx.HTTPTransport, "handle_request", no_network)
+    monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", no_network_async)
     monkeypatch.setenv("TEST_KEY", "sk-secret")
     prompts = [[{"role": "user", "content": "hi"}]]
 
