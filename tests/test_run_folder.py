@@ -276,9 +276,9 @@ def test_the_embedding_cache_temp_file_is_per_process(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("url", "refused"),
     [
-        ("http://llm.example.com/v1", True),
-        ("http://10.1.2.3:8000/v1", True),
-        ("https://llm.example.com/v1", False),
+        ("http://llm.invalid/v1", True),
+        ("http://192.0.2.10:8000/v1", True),
+        ("https://llm.invalid/v1", False),
         ("http://127.0.0.1:8000/v1", False),
         ("http://localhost:8000/v1", False),
         ("http://[::1]:8000/v1", False),
