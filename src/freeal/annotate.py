@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -21,8 +20,6 @@ from freeal.llm.cache import CachedAnnotator
 from freeal.llm.prompts import CONTENT_FREE_INPUTS, classification_prompt
 from freeal.progress import progress_bar
 from freeal.tasks import Task
-
-T = TypeVar("T")
 
 
 def content_free_offsets(task: Task, annotator: CachedAnnotator) -> list[float]:

@@ -159,11 +159,18 @@ class NER(TaskKind):
         ]
 
     # -- the SLM ----------------------------------------------------------------------------------
-    def _tags(self, items: Sentences, answers: Sequence[Any]) -> list[list[str] | None]:
+    @staticmethod
+    def _tags(answers: Sequence[Any], lengths: Sequence[Sequence[Any]]) -> list[list[str] | None]:
+        """Each answer's spans as IOB2 tags over its sentence (its tokens, or gold tags, give the length)."""
         return [
-            None if a is None else tags_from_spans(len(t), as_spans(a) or [])
-            for a, t in zip(answers, items.tokens, strict=True)
+            None if a is None else tags_from_spans(len(n), as_spans(a) or [])
+            for a, n in zip(answers, lengths, strict=True)
         ]
+
+    @staticmethod
+    def _answers(tags: Sequence[Sequence[str]]) -> list[list[list[Any]]]:
+        """The tagger's IOB2 tags as answers (JSON span lists)."""
+        return [[list(sp) for sp in spans_from_tags(t)] for t in tags]
 
     def train(
         self, items: Sentences, answers: Sequence[Any], cfg: SLMConfig, on_epoch: Callable[[dict], None]
@@ -171,9 +178,9 @@ class NER(TaskKind):
         require("torch", "transformers", what="the SLM (token tagger)")
         from freeal.slm.tagger import SLMTagger
 
-        tags = self._tags(items, answers)
+        tags = self._tags(answers, items.tokens)
         model = SLMTagger(self.task.label_names, cfg).fit(items.tokens, tags, on_epoch=on_epoch)
-        predicted = [[list(sp) for sp in spans_from_tags(t)] for t in model.train_tags_]
+        predicted = self._answers(model.train_tags_)
         return SLMFit(
             model=model,
             predicted=predicted,
@@ -193,15 +200,11 @@ class NER(TaskKind):
         return SLMTagger.load(folder, device=device)
 
     def predict(self, model: Any, items: Sentences) -> list[Any]:
-        return [[list(sp) for sp in spans_from_tags(t)] for t in model.predict(items.tokens)]
+        return self._answers(model.predict(items.tokens))
 
     # -- scoring ----------------------------------------------------------------------------------
     def score(self, gold: Sequence[Any], answers: Sequence[Any]) -> dict:
-        predicted = [
-            None if a is None else tags_from_spans(len(g), as_spans(a) or [])
-            for a, g in zip(answers, gold, strict=True)
-        ]
-        return ner_report(gold, predicted)
+        return ner_report(gold, self._tags(answers, gold))
 
     def right(self, gold: Any, answer: Any) -> bool:
         return answer is not None and set(as_spans(answer) or []) == set(spans_from_tags(gold))
@@ -209,8 +212,8 @@ class NER(TaskKind):
     # -- output -----------------------------------------------------------------------------------
     def output(self, items: Sentences, rows: list[dict], fit_rows: list[dict]) -> dict[str, list[Any]]:
         spans = [as_spans(r["spans"]) for r in rows]
-        tags = self._tags(items, spans)
-        slm_tags = self._tags(items, [p["predicted"] for p in fit_rows])
+        tags = self._tags(spans, items.tokens)
+        slm_tags = self._tags([p["predicted"] for p in fit_rows], items.tokens)
         return {
             "tokens": items.tokens,
             "tags": tags,

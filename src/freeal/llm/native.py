@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import signal
@@ -34,7 +35,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from freeal.config import cache_root
+from freeal.data import write_text_atomic
 from freeal.errors import FreeALError
+
+log = logging.getLogger(__name__)
 
 ExtraBuffers = Literal["auto", "on", "off"]
 
@@ -75,8 +79,8 @@ def extra_buffers_decision(
 
     ``on``/``off`` are taken as given; ``auto`` reads ``$FREEAL_LLAMA_EXTRA_BUFFERS``, then turns
     them off where the CPU reports AMX (the crashing buffer type) or AVX-512 (measured faster
-    without them: 1.5B prefill 138-156 against 103-105 tokens/s in 512-token batches on an AVX-512
-    EPYC, BENCHMARKS.md), and leaves llama.cpp's default (on) elsewhere."""
+    without them: 1.5B prefill 150 against 98 tokens/s in 512-token batches on an AVX-512 EPYC,
+    ``bench/native.py``, BENCHMARKS.md), and leaves llama.cpp's default (on) elsewhere."""
     if setting != "auto":
         return setting == "on", "set in the config"
     env = os.environ.get(ENV_VAR, "").strip().lower()
@@ -268,18 +272,13 @@ def checked_extra_buffers(model: str | Path, setting: ExtraBuffers = "auto", *, 
         found = run_child(model, extra_buffers=enabled)
         if "crashed" not in found:
             if enabled != wanted:
-                import logging
-
-                logging.getLogger(__name__).warning(
+                log.warning(
                     "llama.cpp crashed with its extra weight buffers on this CPU (%s); using them off "
                     "(set llm.extra_buffers or %s to choose)",
                     describe_cpu(),
                     ENV_VAR,
                 )
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"extra_buffers": enabled, "model": str(model), **found}))
-            tmp.replace(marker)
+            write_text_atomic(marker, json.dumps({"extra_buffers": enabled, "model": str(model), **found}))
             return enabled
         failures.append(f"extra buffers {'on' if enabled else 'off'}: {found['crashed']}")
     last_lines = [ln for ln in found.get("stderr", "").splitlines() if ln.strip()][-1:]

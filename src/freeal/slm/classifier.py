@@ -52,9 +52,6 @@ class _Net(nn.Module):
 
 
 class SLMClassifier(RobustTrainer):
-    WEIGHTS = "model.pt"
-    META = "slm.json"
-
     """Sentence classifier trained robustly on noisy labels (scikit-learn style: ``fit``/``predict``).
 
     After :meth:`fit`, for the training items: ``train_proba_`` (predicted probabilities),
@@ -63,6 +60,9 @@ class SLMClassifier(RobustTrainer):
     so its mean stays high even once the network has memorized it), ``clean_prob_`` (the GMM
     posterior of a clean label; 0 where none) and ``clean_mask_``.
     """
+
+    WEIGHTS = "model.pt"
+    META = "slm.json"
 
     def __init__(self, labels: Sequence[str], config: SLMConfig | None = None, **overrides: object) -> None:
         if not labels:
@@ -181,7 +181,9 @@ class SLMClassifier(RobustTrainer):
 
     # -- the hooks of the robust schedule --------------------------------------------------------------
     def _losses_now(self) -> np.ndarray:
-        return self._ce(self._source, self._y, self._labeled)
+        """Cross-entropy of each labeled item against its given label, on the un-augmented input."""
+        logits = self._logits(self._source)[self._labeled]
+        return F.cross_entropy(logits, torch.as_tensor(self._y[self._labeled]), reduction="none").numpy()
 
     def _item_losses(self, losses: np.ndarray) -> np.ndarray:
         return losses
@@ -196,11 +198,6 @@ class SLMClassifier(RobustTrainer):
     def _clean_fraction(self) -> float:
         return float(self._clean[self._labeled].mean())
 
-    def _ce(self, source: torch.Tensor | list[str], y: np.ndarray, labeled: np.ndarray) -> np.ndarray:
-        """Cross-entropy of each labeled item against its given label, on the un-augmented input."""
-        logits = self._logits(source)[labeled]
-        return F.cross_entropy(logits, torch.as_tensor(y[labeled]), reduction="none").numpy()
-
     def _train_epoch(self, ramp: float) -> dict[str, float]:
         cfg = self.config
         epoch = len(self.epoch_log)
@@ -208,23 +205,9 @@ class SLMClassifier(RobustTrainer):
         if cfg.robust and cfg.lambda_u > 0 and cfg.mode == "finetune" and self._views is None and epoch > 0:
             view = make_views(self._texts, cfg.seed + epoch)
         used = np.arange(len(self._texts)) if ramp > 0 else self._labeled
-        return self._pass(
-            used, self._source, view, self._y_t, self._clean, ramp, self._optimizer, self._beta, self._rng
-        )
-
-    def _pass(
-        self,
-        used: np.ndarray,
-        source: torch.Tensor | list[str],
-        view: torch.Tensor | list[str],
-        y_t: torch.Tensor,
-        clean: np.ndarray,
-        ramp: float,
-        optimizer: torch.optim.Optimizer,
-        beta: torch.distributions.Beta,
-        rng: np.random.Generator,
-    ) -> dict[str, float]:
-        cfg = self.config
+        source, y_t, clean, optimizer, beta, rng = (
+            self._source, self._y_t, self._clean, self._optimizer, self._beta, self._rng
+        )  # fmt: skip
         self.net.train()
         order = rng.permutation(used)
         sums = {"loss": 0.0, "ce": 0.0, "mixup": 0.0, "consistency": 0.0}

@@ -193,28 +193,10 @@ class SLMTagger(RobustTrainer):
         return float(self._sentence_clean[self._labeled].mean())
 
     def _train_epoch(self, ramp: float) -> dict[str, float]:
-        return self._pass(
-            self._words,
-            self._given,
-            self._labeled,
-            self._token_clean,
-            self._sentence_clean,
-            ramp,
-            self._optimizer,
-            self._rng,
-        )
-
-    def _pass(
-        self,
-        words: list[list[str]],
-        given: list[list[str]],
-        labeled: np.ndarray,
-        token_clean: list[np.ndarray],
-        sentence_clean: np.ndarray,
-        ramp: float,
-        optimizer: torch.optim.Optimizer,
-        rng: np.random.Generator,
-    ) -> dict[str, float]:
+        words, given, labeled, token_clean, sentence_clean, optimizer, rng = (
+            self._words, self._given, self._labeled, self._token_clean, self._sentence_clean,
+            self._optimizer, self._rng,
+        )  # fmt: skip
         cfg = self.config
         self.net.train()
         used = np.arange(len(words)) if ramp > 0 and cfg.lambda_u > 0 else labeled
