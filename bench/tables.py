@@ -149,7 +149,49 @@ def tagger(name: str) -> None:
         )
 
 
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def quality(preset: str = "default") -> None:
+    """Issue 12's table: per data set, each slice's zero-shot, LLM labels per round, final labels,
+    SLM test accuracy, calibration of the final confidence, LLM calls and time; then mean ± spread."""
+    import statistics
+
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"quality_{preset}_*_s*.json"))]
+    if not runs:
+        return
+    print(
+        "| data | seed | zero-shot | LLM labels per round | final | gain | SLM test | ECE | top-50% acc. "
+        "| LLM calls | s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for dataset in dict.fromkeys(r["dataset"] for r in runs):
+        mine = sorted((r for r in runs if r["dataset"] == dataset), key=lambda r: r["seed"])
+        for r in mine:
+            cal = (r["report"]["final"] or {}).get("calibration") or {}
+            totals = r["report"]["totals"]
+            print(
+                f"| {dataset} | {r['seed']} | {r['zero_shot']:.3f} "
+                f"| {' → '.join(f'{x:.3f}' for x in r['llm_labels'])} | {r['final']:.3f} "
+                f"| {100 * (r['final'] - r['zero_shot']):+.1f} | {r['slm_test']:.3f} "
+                f"| {_num(cal.get('ece'))} | {_num(cal.get('top50_accuracy'))} "
+                f"| {totals['llm_calls']} | {totals['seconds']:.0f} |"
+            )
+        gains = [100 * (r["final"] - r["zero_shot"]) for r in mine]
+        spread = f" ± {statistics.stdev(gains):.1f}" if len(gains) > 1 else ""
+        print(
+            f"| **{dataset} mean** | {len(mine)} slices "
+            f"| {statistics.mean(r['zero_shot'] for r in mine):.3f} | "
+            f"| {statistics.mean(r['final'] for r in mine):.3f} "
+            f"| **{statistics.mean(gains):+.1f}{spread}** (min {min(gains):+.1f}) "
+            f"| {statistics.mean(r['slm_test'] for r in mine):.3f} | | | | |"
+        )
+
+
 if __name__ == "__main__":
+    quality()
+    quality("paper")
     zeroshot()
     for path in sorted(RESULTS.glob("slm_*.json")):
         slm(path.name)

@@ -22,15 +22,19 @@ from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.loop import FreeAL
 from freeal.tasks import load_task
 
-SLM = SLMConfig(mode="head", epochs=6, warmup_epochs=2, device="cpu")
+SLM = SLMConfig(
+    mode="head", backbone="all-minilm-l6-v2", epochs=6, warmup_epochs=2, cross_fit=2, device="cpu"
+)
 LOOP = LoopConfig(
     demos_per_label=2,
     demos_per_call=2,
     max_calls_per_label=8,
     k=6,
     group_size=12,
+    initial_demos="generated",
     refinery_rounds=2,
     min_change=0,
+    min_kappa=-1.0,  # SmolLM2 is near chance: refine anyway, these tests check the plumbing
 )
 STEPS = [
     "demos",
@@ -42,6 +46,7 @@ STEPS = [
     "round-1/feedback",
     "round-2/llm",
     "round-2/slm",
+    "final",
 ]
 
 
@@ -289,3 +294,37 @@ def test_combined_refinery_label_needs_the_new_answer_to_outweigh_the_old():
     assert out[2]["probs"] == {"a": 0.9, "b": 0.1}  # not asked: untouched
     assert out[3] == {k: previous[3][k] for k in ("label", "confidence", "probs", "log_scores")}  # abstained
     assert [r["label"] for r in kind.merge(previous, fresh, "new")] == ["b", "b", "a", "b"]
+
+
+def test_disagree_refinery_asks_where_the_held_out_slm_differs(slice_, smollm2, tmp_path):
+    task, items, _ = slice_
+    loop = LOOP.model_copy(update={"initial_demos": "none", "refinery_rounds": 1, "refine": "disagree"})
+    runner, _ = run(task, smollm2, tmp_path / "cache.sqlite", tmp_path / "run", loop=loop)
+    frame = runner.fit(items)
+    folder = runner.run_dir
+    fit = read_jsonl(folder / "round-0/slm/predictions.jsonl")
+    before = read_jsonl(folder / "round-0/llm/labels.jsonl")
+    pool = {p["id"] for p in read_jsonl(folder / "round-0/feedback/pool.jsonl")}
+    expected = [
+        b["id"]
+        for b, p in zip(before, fit, strict=True)
+        if b["id"] not in pool and p["predicted"] != b["label"]
+    ]
+    assert [r["id"] for r in read_jsonl(folder / "round-0/feedback/noisy.jsonl")] == expected
+    asked = [r["id"] for r in read_jsonl(folder / "round-1/llm/labels.jsonl") if r["asked"]]
+    assert asked == expected
+    # the final label weighs the LLM's last answer with the held-out SLM; llm_label keeps the former
+    last = read_jsonl(folder / "round-1/llm/labels.jsonl")
+    assert frame["llm_label"].tolist() == [r["label"] for r in last]
+    assert (folder / "final" / "answers.jsonl").is_file()
+
+
+def test_refinery_asks_no_one_when_the_slm_cannot_learn_the_llm(slice_, smollm2, tmp_path):
+    task, items, _ = slice_
+    loop = LOOP.model_copy(update={"initial_demos": "none", "refinery_rounds": 1, "min_kappa": 0.99})
+    runner, _ = run(task, smollm2, tmp_path / "cache.sqlite", tmp_path / "run", loop=loop)
+    runner.fit(items)
+    feedback = json.loads((runner.run_dir / "round-0/feedback/step.json").read_text())
+    assert feedback["kappa"] < 0.99 and "kappa" in feedback["skipped"]
+    assert feedback["noisy"] == 0
+    assert not any(r["asked"] for r in read_jsonl(runner.run_dir / "round-1/llm/labels.jsonl"))

@@ -178,7 +178,10 @@ def train(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
     backbone: Annotated[
         str | None,
-        typer.Option(help="Encoder: all-minilm-l6-v2 (default), all-mpnet-base-v2, or a local folder."),
+        typer.Option(
+            help="Encoder: all-minilm-l6-v2, all-mpnet-base-v2, or a local folder (default: as `run`, "
+            "mpnet for head, MiniLM for finetune)."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     clean_fraction: Annotated[float, typer.Option(help="Per-class share of items for the clean set.")] = 0.2,
@@ -211,6 +214,10 @@ def train(
     )
     the_task = load_task(task)
     the_task.require_classification("`freeal train`")
+    if cfg.backbone is None:  # SLMConfig is validated: pick as the loop does
+        from freeal.kinds import kind_of
+
+        cfg = cfg.model_copy(update={"backbone": kind_of(the_task).backbone(cfg)})
     items = read_items(
         data,
         text_col=text_col,

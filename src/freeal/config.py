@@ -83,8 +83,11 @@ def validate(model: type[BaseModel], raw: dict, source: str) -> BaseModel:
 class SLMConfig(BaseModel):
     """The small model and its robust self-training (defaults follow FreeAL/DivideMix where they exist).
 
-    ``backbone``: ``all-minilm-l6-v2`` (default), ``all-mpnet-base-v2`` (from its PyPI packages;
-    much better in ``head`` mode, 6× slower to embed) or a local encoder folder.
+    ``backbone``: ``all-minilm-l6-v2``, ``all-mpnet-base-v2`` (from its PyPI packages; 6× slower
+    to embed) or a local encoder folder. Unset, the loop picks per kind: ``all-mpnet-base-v2`` for
+    a classifier in ``head`` mode (0.847 against MiniLM's 0.743 on the MR test set with gpt-3.5
+    labels, BENCHMARKS.md), ``all-minilm-l6-v2`` where the encoder is fine-tuned (``finetune``,
+    the NER tagger), which costs far more per step on a CPU.
     ``mode``: ``head`` trains a small head on frozen, cached sentence embeddings (fast on a CPU);
     ``finetune`` trains the whole encoder with the head, as in the paper. ``lr`` defaults per mode.
     ``lambda_u`` weighs the consistency loss on noisy items. It defaults to 0 (noisy items are left
@@ -92,6 +95,11 @@ class SLMConfig(BaseModel):
     while it helped under synthetic uniform noise (BENCHMARKS.md); set 1.0 for the paper's setting.
     For NER the tagger always fine-tunes (``mode`` and the mixup settings do not apply) and
     ``split_unit`` says whether the GMM splits sentences (mean token loss) or tokens.
+    ``cross_fit``: the SLM's opinion of each item comes from a model that did not train on it
+    (``cross_fit`` folds, each predicted by a model trained on the others), so it can disagree
+    with a label it would otherwise memorise; 0 takes the trained model's own predictions. The
+    classifier only: the NER tagger fine-tunes its encoder, and five more fine-tunings per round
+    cost too much on a CPU.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -113,8 +121,16 @@ class SLMConfig(BaseModel):
     rampup_epochs: int = Field(default=3, ge=1)
     sharpen_temperature: float = Field(default=0.5, gt=0)
     split_unit: Literal["sentence", "token"] = "sentence"
+    cross_fit: int = Field(default=5, ge=0)
     device: str = "auto"
     seed: int = 0
+
+    @field_validator("cross_fit")
+    @classmethod
+    def _folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("cross_fit needs 2 or more folds (0: off)")
+        return value
 
 
 class LoopConfig(BaseModel):
@@ -131,12 +147,23 @@ class LoopConfig(BaseModel):
     ``min_change``: stop early when a refinery round changes fewer than this share of labels.
     ``initial_demos``: ``generated`` (the paper: the LLM writes demonstrations for the initial round)
     or ``none`` (the initial round is zero-shot; demonstrations come only from the SLM's pool);
-    ``auto`` (default) is ``generated`` for classification and ``none`` for NER, where written
-    sentences lowered the embedded model's F1 on one of two BC5CDR slices by 8.7 points and the
-    zero-shot start ended higher on both (BENCHMARKS.md).
+    ``auto`` (default) is ``none``, for both kinds: with the embedded model the written
+    demonstrations made the initial round worse than zero-shot on SST-2 (0.841 against 0.893 on
+    1,000 texts), MR, TREC and the README's demo, and lowered BC5CDR F1 on one of two slices by
+    8.7 points (BENCHMARKS.md); ``generated`` is the paper's start (its preset in ``bench/``).
     ``max_calls_per_label``: calls allowed to fill a label's quota (default: twice the calls needed).
     ``verify_demos``: keep only written demonstrations that the LLM labels, zero-shot, as intended.
     ``zero_shot_baseline``: also label everything zero-shot, for comparison only (one extra pass).
+    ``refine``: which items refinery asks again: ``noisy`` (the paper: those the SLM's loss split
+    calls noisy) or ``disagree`` (those whose SLM prediction, held out when cross-fitted, differs
+    from the LLM's answer).
+    ``final_label``: ``combined`` (each item's label is the one the LLM's and the SLM's
+    probabilities make most probable together, the SLM's raised to ``slm_weight``; its probability
+    is the confidence) or ``llm`` (the LLM's last answer, the paper). Kinds whose SLM gives no
+    probabilities (NER) keep the LLM's answer.
+    ``min_kappa``: refinery asks no one when the SLM's (held-out) predictions agree with the LLM's
+    answers no better than this Cohen's kappa: answers a model cannot learn carry little signal,
+    and demonstrations drawn from them would feed the LLM its own bias.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -157,6 +184,10 @@ class LoopConfig(BaseModel):
     clean_fraction: float = Field(default=0.2, gt=0, le=1)
     pool_size: int = Field(default=100, ge=1)
     zero_shot_baseline: bool = False
+    refine: Literal["noisy", "disagree"] = "noisy"
+    final_label: Literal["combined", "llm"] = "combined"
+    slm_weight: float = Field(default=0.5, ge=0)
+    min_kappa: float = Field(default=0.2, ge=-1, le=1)
     seed: int = 0
 
 

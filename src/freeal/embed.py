@@ -131,13 +131,22 @@ class Embedder:
     """Unit-normalized sentence embeddings from a sentence-transformers model folder."""
 
     def __init__(
-        self, model_path: str | None = None, *, device: str = "auto", batch_size: int = 64, cache: bool = True
+        self,
+        model_path: str | None = None,
+        *,
+        device: str = "auto",
+        batch_size: int = 64,
+        cache: bool = True,
+        remember: bool = False,
     ) -> None:
         self.model_path = model_path or minilm_path()
         self.device = torch_device(device)
         self.batch_size = batch_size
         self.cache_dir = cache_root() / "embeddings" if cache else None
         self._model = None
+        # remember=True keeps each text's vector in memory, so that subsets of texts already seen
+        # (the SLM's cross-fitting folds) cost nothing and leave no file per subset on disk
+        self._memo: dict[str, np.ndarray] | None = {} if remember else None
 
     @property
     def identity(self) -> str:
@@ -160,6 +169,15 @@ class Embedder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """(n, d) float32 array of unit vectors, from the disk cache when these texts were seen."""
+        memo = self._memo
+        if memo is not None and texts and all(t in memo for t in texts):
+            return np.stack([memo[t] for t in texts])
+        vectors = self._encode(texts)
+        if memo is not None:
+            memo.update(zip(texts, vectors, strict=True))
+        return vectors
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
         path = self.cache_dir / f"{self._key(texts)}.npy" if self.cache_dir else None
         if path is not None and path.is_file():
             return np.load(path)

@@ -129,7 +129,10 @@ class FreeAL:
         self.task = task
         self.kind = kind_of(task)
         self.llm_config = llm or LLMConfig()
-        self.slm_config = slm or SLMConfig()
+        slm = slm or SLMConfig()
+        if slm.backbone is None:  # resolved here, like initial_demos below, so the fingerprint names it
+            slm = slm.model_copy(update={"backbone": self.kind.backbone(slm)})
+        self.slm_config = slm
         loop = loop or LoopConfig()
         if loop.initial_demos == "auto":  # resolved here, so the run's fingerprint names the choice
             loop = loop.model_copy(update={"initial_demos": self.kind.initial_demos})
@@ -197,7 +200,8 @@ class FreeAL:
             self._step(f"round-{r}/llm", lambda r=r: self._refine(r))
             self._step(f"round-{r}/slm", lambda r=r: self._train(r))
             last = r
-        return self._finish(last)
+        self._step("final", lambda: self._final(last))
+        return self._finish()
 
     # -- the parts the configs build ---------------------------------------------------------------
     @property
@@ -437,6 +441,7 @@ class FreeAL:
                     "clean": bool(fit.clean[i]),
                     "clean_prob": float(fit.clean_prob[i]),
                     "mean_loss": None if np.isnan(fit.mean_loss[i]) else float(fit.mean_loss[i]),
+                    "probs": fit.probs[i] if fit.probs is not None else None,
                 }
                 for i in range(len(self.items))
             ],
@@ -477,8 +482,21 @@ class FreeAL:
             for d in found.pool
         ]
         noisy = found.noisy
+        if cfg.refine == "disagree":
+            ask = np.asarray([not p["agree"] for p in fit]) | np.asarray([a is None for a in answers])
+            ask[found.pool_indices] = False
+            noisy = np.flatnonzero(ask)
         result: dict = {"round": r, "clean_set": len(found.clean), "pool": len(pool)}
         problem = self.kind.pool_problem(pool)
+        # Can the SLM learn the LLM's answers at all? Chance-level agreement (kappa) between the two
+        # says the answers carry little signal, and demonstrations drawn from them would only teach
+        # the LLM its own bias: then refinery asks no one.
+        result["kappa"] = agreement_kappa(signatures, [self.kind.signature(p["predicted"]) for p in fit])
+        if not problem and result["kappa"] is not None and result["kappa"] < cfg.min_kappa:
+            problem = (
+                f"the SLM reproduces the LLM's answers no better than chance (kappa {result['kappa']:.2f} < "
+                f"min_kappa {cfg.min_kappa}): they carry too little signal to refine from"
+            )
         if problem:
             self.say(f"round {r + 1}: {problem}; labels kept as they are")
             noisy = np.zeros(0, dtype=np.int64)
@@ -494,12 +512,49 @@ class FreeAL:
         return result
 
     # -- the end ----------------------------------------------------------------------------------
-    def _finish(self, last: int) -> pd.DataFrame:
-        from freeal.report import collect, write_html
-
+    def _final(self, last: int) -> dict:
+        """Each item's final answer and confidence: the LLM's last answer weighed with the SLM's
+        (:meth:`~freeal.kinds.base.TaskKind.combine`), or the LLM's alone (``final_label: llm``)."""
+        cfg = self.loop_config
         rows = self._rows(f"round-{last}/llm")
         fit_rows = read_jsonl(self._path(f"round-{last}/slm") / "predictions.jsonl")
-        frame = pd.DataFrame({"id": self.items.ids, **self.kind.output(self.items, rows, fit_rows)})
+        weight = cfg.slm_weight if cfg.final_label == "combined" else 0.0
+        final, confidence = self.kind.combine(self.items, rows, fit_rows, weight)
+        key = self.kind.answer_key
+        write_jsonl_atomic(
+            self._path("final") / "answers.jsonl",
+            [
+                {"id": item_id, key: answer, "confidence": conf}
+                for item_id, answer, conf in zip(self.items.ids, final, confidence, strict=True)
+            ],
+        )
+        llm = [row[key] for row in rows]
+        result: dict = {
+            "round": last,
+            "rule": cfg.final_label,
+            "changed_from_llm": sum(a != b for a, b in zip(final, llm, strict=True)),
+            "metrics": self._score(final),
+        }
+        if self.gold is not None:
+            result["calibration"] = calibration(self._right(final), confidence)
+            before, after = self._right(llm), self._right(final)
+            result["fixed"] = int((after & ~before).sum())
+            result["broken"] = int((before & ~after).sum())
+        return result
+
+    # -- the end ----------------------------------------------------------------------------------
+    def _finish(self) -> pd.DataFrame:
+        from freeal.report import collect, write_html
+
+        last = self._summary("final")["round"]
+        rows = self._rows(f"round-{last}/llm")
+        fit_rows = read_jsonl(self._path(f"round-{last}/slm") / "predictions.jsonl")
+        answers = read_jsonl(self._path("final") / "answers.jsonl")
+        key = self.kind.answer_key
+        final, confidence = [a[key] for a in answers], [a["confidence"] for a in answers]
+        frame = pd.DataFrame(
+            {"id": self.items.ids, **self.kind.output(self.items, rows, fit_rows, final, confidence)}
+        )
         write_jsonl_atomic(self._path("labels.jsonl"), frame.to_dict("records"))
         self.report_ = collect(self._path(""))
         write_text_atomic(self._path("report.json"), json.dumps(self.report_, indent=2, default=_plain))
@@ -507,6 +562,40 @@ class FreeAL:
         self.slm_ = self.kind.load_model(self._path(f"round-{last}/slm") / "model", self.slm_config.device)
         self.labels_ = frame
         return frame
+
+
+def agreement_kappa(first: Sequence[str | None], second: Sequence[str | None]) -> float | None:
+    """Cohen's kappa between two labelings where both have an answer (``None`` without two classes)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    pairs = [(a, b) for a, b in zip(first, second, strict=True) if a is not None and b is not None]
+    if len({a for a, _ in pairs} | {b for _, b in pairs}) < 2:
+        return None
+    return float(cohen_kappa_score([a for a, _ in pairs], [b for _, b in pairs]))
+
+
+def calibration(right: np.ndarray, confidence: Sequence[float | None], bins: int = 10) -> dict:
+    """How far ``confidence`` can be taken at its word (gold only): expected calibration error over
+    ``bins`` equal-width bins, and the accuracy of the most confident 50% and 80% of the answers
+    (what a user keeping only those would get)."""
+    known = np.asarray([c is not None for c in confidence])
+    if not known.any():
+        return {"ece": None, "top50_accuracy": None, "top80_accuracy": None, "n": 0}
+    conf = np.asarray([c for c in confidence if c is not None], dtype=np.float64)
+    hit = np.asarray(right, dtype=bool)[known]
+    edges = np.linspace(0, 1, bins + 1)
+    where = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    ece = sum(
+        abs(hit[where == b].mean() - conf[where == b].mean()) * (where == b).mean()
+        for b in range(bins)
+        if (where == b).any()
+    )
+    order = np.argsort(-conf, kind="stable")
+    top = {
+        f"top{int(share * 100)}_accuracy": float(hit[order[: max(1, round(share * len(conf)))]].mean())
+        for share in (0.5, 0.8)
+    }
+    return {"ece": float(ece), **top, "n": len(conf)}
 
 
 def _plain(value: Any) -> Any:

@@ -55,6 +55,7 @@ def collect(run_dir: str | Path) -> dict:
         "zero_shot": _read(run_dir / "zero-shot/step.json"),
         "demos": _read(run_dir / "demos/step.json"),
         "rounds": rounds,
+        "final": _read(run_dir / "final/step.json"),
         "totals": {
             "seconds": sum(s["seconds"] for s in steps),
             "llm_calls": sum(u.get("calls", 0) for u in usage),
@@ -142,6 +143,18 @@ def rows(report: dict) -> list[list[str]]:
                 _acc(slm.get("transductive")),
                 _acc(slm.get("inductive")),
                 _pct(slm.get("clean_precision")),
+            ]
+        )
+    final = report.get("final")
+    if final:
+        out.append(
+            [
+                f"final ({'LLM + SLM' if final['rule'] == 'combined' else 'LLM'})",
+                "–",
+                str(final["changed_from_llm"]),
+                *["–"] * 5,
+                _acc(final.get("metrics")),
+                *["–"] * 3,
             ]
         )
     return out

@@ -46,7 +46,9 @@ class Answers:
 class SLMFit:
     """A trained SLM and what the loop needs of it, per training item: its prediction (an answer of
     the kind), confidence, whether it reproduces the LLM's answer, the clean/noisy split and the
-    loss averaged over epochs (``NaN`` where the item had no answer to learn)."""
+    loss averaged over epochs (``NaN`` where the item had no answer to learn). With cross-fitting
+    the prediction, confidence, agreement and ``probs`` (per label, or ``None`` for a kind without
+    them) come from models that did not train on the item."""
 
     model: Any
     predicted: list[Any]
@@ -56,6 +58,7 @@ class SLMFit:
     clean_prob: np.ndarray
     mean_loss: np.ndarray
     epoch_log: list[dict]
+    probs: list[dict[str, float] | None] | None = None
 
 
 class TaskKind(ABC):
@@ -72,6 +75,10 @@ class TaskKind(ABC):
 
     def __init__(self, task: Task) -> None:
         self.task = task
+
+    def backbone(self, cfg: SLMConfig) -> str:
+        """The SLM's encoder when the settings name none: MiniLM, small enough to fine-tune on a CPU."""
+        return "all-minilm-l6-v2"
 
     # -- data -------------------------------------------------------------------------------------
     @abstractmethod
@@ -149,6 +156,15 @@ class TaskKind(ABC):
     def predict(self, model: Any, items: Any) -> list[Any]:
         """The model's answers on other items (the test set)."""
 
+    def combine(
+        self, items: Any, rows: list[dict], fit_rows: list[dict], slm_weight: float
+    ) -> tuple[list[Any], list[Any]]:
+        """Each item's final answer and its confidence, from the LLM's last rows and the SLM's
+        predictions (``predictions.jsonl``); ``slm_weight`` 0 means the LLM's answers as they are.
+        This default keeps them; a kind with more to weigh says how (classification: the SLM's
+        held-out probabilities; NER: what the LLM answered for the same words elsewhere)."""
+        return [r[self.answer_key] for r in rows], [r.get("confidence") for r in rows]
+
     # -- scoring (gold only) -----------------------------------------------------------------------
     @abstractmethod
     def score(self, gold: Sequence[Any], answers: Sequence[Any]) -> dict:
@@ -160,6 +176,8 @@ class TaskKind(ABC):
 
     # -- output -----------------------------------------------------------------------------------
     @abstractmethod
-    def output(self, items: Any, rows: list[dict], fit_rows: list[dict]) -> dict[str, list[Any]]:
-        """The columns of the returned frame and ``labels.jsonl``, from the last round's rows and the
-        last SLM's per-item predictions."""
+    def output(
+        self, items: Any, rows: list[dict], fit_rows: list[dict], final: list[Any], confidence: list[Any]
+    ) -> dict[str, list[Any]]:
+        """The columns of the returned frame and ``labels.jsonl``, from the last round's rows, the
+        last SLM's per-item predictions and the final answers with their confidence (:meth:`combine`)."""

@@ -12,10 +12,15 @@
 - A re-asked sentence takes its new entity list (an entity list has no probabilities to combine);
   an unreadable answer keeps the old list.
 - The SLM is the token tagger :class:`freeal.slm.tagger.SLMTagger`.
+- Final entities (``final_label: combined``): the corpus is made to agree with itself. A word
+  sequence the LLM marked as one type in most of the places it occurs is marked so where it was
+  missed (:meth:`NER.combine`); the tagger's own predictions on its training sentences mostly
+  repeat the LLM's lists, so they are not weighed in.
 """
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -209,9 +214,61 @@ class NER(TaskKind):
     def right(self, gold: Any, answer: Any) -> bool:
         return answer is not None and set(as_spans(answer) or []) == set(spans_from_tags(gold))
 
-    # -- output -----------------------------------------------------------------------------------
-    def output(self, items: Sentences, rows: list[dict], fit_rows: list[dict]) -> dict[str, list[Any]]:
+    def combine(
+        self, items: Sentences, rows: list[dict], fit_rows: list[dict], slm_weight: float
+    ) -> tuple[list[Any], list[Any]]:
+        """The LLM's entities, plus the places it missed a word sequence it marked elsewhere: one
+        marked at least twice, in at least half of the places it occurs, with one type in at least
+        two thirds of them, is added where it overlaps no entity (longest sequences first).
+        ``slm_weight`` 0 keeps the LLM's lists; a sentence it did not answer stays unanswered."""
         spans = [as_spans(r["spans"]) for r in rows]
+        if slm_weight == 0:
+            return [r["spans"] for r in rows], [None] * len(rows)
+        lowered = [[t.lower() for t in tokens] for tokens in items.tokens]
+        votes: dict[tuple[str, ...], Counter] = defaultdict(Counter)
+        for found, words in zip(spans, lowered, strict=True):
+            for kind, start, end in found or []:
+                votes[tuple(words[start:end])][kind] += 1
+        starting: dict[str, list[tuple[str, ...]]] = defaultdict(list)
+        for phrase in votes:
+            starting[phrase[0]].append(phrase)
+        places, occurs = [], Counter()
+        for n, words in enumerate(lowered):
+            for start, word in enumerate(words):
+                for phrase in starting.get(word, ()):
+                    if tuple(words[start : start + len(phrase)]) == phrase:
+                        occurs[phrase] += 1
+                        places.append((n, start, phrase))
+        final = [None if found is None else list(found) for found in spans]
+        for n, start, phrase in sorted(places, key=lambda p: -len(p[2])):
+            kinds = votes[phrase]
+            marked = sum(kinds.values())
+            kind, top = kinds.most_common(1)[0]
+            sentence = final[n]
+            if (
+                sentence is None
+                or marked < 2
+                or marked < 0.5 * occurs[phrase]
+                or top < 2 / 3 * marked
+                or len(" ".join(phrase)) < 3
+            ):
+                continue
+            end = start + len(phrase)
+            if all(e <= start or s >= end for _, s, e in sentence):
+                sentence.append((kind, start, end))
+                sentence.sort(key=lambda sp: sp[1])
+        return [None if f is None else [list(sp) for sp in f] for f in final], [None] * len(rows)
+
+    # -- output -----------------------------------------------------------------------------------
+    def output(
+        self,
+        items: Sentences,
+        rows: list[dict],
+        fit_rows: list[dict],
+        final: list[Any],
+        confidence: list[Any],
+    ) -> dict[str, list[Any]]:
+        spans = [as_spans(answer) for answer in final]
         tags = self._tags(spans, items.tokens)
         slm_tags = self._tags([p["predicted"] for p in fit_rows], items.tokens)
         return {

@@ -58,13 +58,20 @@ class SLMClassifier(RobustTrainer):
     ``train_loss_`` (cross-entropy against the given label after training; NaN where none),
     ``mean_loss_`` (the same averaged over the epochs: a mislabeled item is fitted late, if at all,
     so its mean stays high even once the network has memorized it), ``clean_prob_`` (the GMM
-    posterior of a clean label; 0 where none) and ``clean_mask_``.
+    posterior of a clean label, fitted on ``mean_loss_``; 0 where none) and ``clean_mask_``.
     """
 
     WEIGHTS = "model.pt"
     META = "slm.json"
 
-    def __init__(self, labels: Sequence[str], config: SLMConfig | None = None, **overrides: object) -> None:
+    def __init__(
+        self,
+        labels: Sequence[str],
+        config: SLMConfig | None = None,
+        *,
+        embedder: Embedder | None = None,
+        **overrides: object,
+    ) -> None:
         if not labels:
             raise FreeALError("the label set is empty")
         self.labels = list(labels)
@@ -74,6 +81,8 @@ class SLMClassifier(RobustTrainer):
         self.device = torch_device(self.config.device)
         self.backbone = encoder_path(self.config.backbone)
         self.epoch_log: list[dict] = []
+        # head mode: an embedder of this backbone to share (e.g. between cross-fitting folds)
+        self._shared_embedder = embedder
 
     # -- inputs ---------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -83,7 +92,7 @@ class SLMClassifier(RobustTrainer):
         dim = AutoConfig.from_pretrained(self.backbone).hidden_size
         encoder = None
         if self.config.mode == "head":
-            self._embedder = Embedder(self.backbone, device=self.device)
+            self._embedder = self._shared_embedder or Embedder(self.backbone, device=self.device)
         else:
             self._tokenizer = AutoTokenizer.from_pretrained(self.backbone)
             encoder = AutoModel.from_pretrained(
@@ -260,8 +269,10 @@ class SLMClassifier(RobustTrainer):
         self.mean_loss_[labeled] = np.mean([*history, final], axis=0)
         self.clean_prob_ = np.zeros(len(y))
         groups = y[labeled] if self.config.split_per_class else None
+        # split on the loss averaged over epochs: by the last epoch the network has memorised many
+        # wrong labels, and their last loss no longer tells them apart (BENCHMARKS.md)
         mask, prob = split_clean(
-            self.train_loss_[labeled], self.config.clean_threshold, self.config.seed, groups
+            self.mean_loss_[labeled], self.config.clean_threshold, self.config.seed, groups
         )
         self.clean_prob_[labeled] = prob
         self.clean_mask_ = np.zeros(len(y), dtype=bool)
