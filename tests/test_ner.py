@@ -277,7 +277,10 @@ def test_sentence_split_separates_injected_noise(data_dir):
 # enough for the tagger to reproduce some of SmolLM2's entity lists on 16 sentences, so that the
 # pool holds sentences with entities and refinery runs (an entity-free pool skips it)
 SLM = SLMConfig(epochs=6, warmup_epochs=1, batch_size=8, lr=5e-4, device="cpu")
-LOOP = LoopConfig(initial_demos="none", k=4, group_size=8, refinery_rounds=1, min_change=0, pool_size=8)
+# SmolLM2 is near chance: min_kappa -1 lets refinery run, these tests check the plumbing
+LOOP = LoopConfig(
+    initial_demos="none", k=4, group_size=8, refinery_rounds=1, min_change=0, pool_size=8, min_kappa=-1.0
+)
 NER_STEPS = ["round-0/llm", "round-0/slm", "round-0/feedback", "round-1/llm", "round-1/slm"]
 
 
@@ -373,9 +376,13 @@ loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size:
     assert len(labels) == 12 and all(r["tags"] is None or len(r["tags"]) == len(r["tokens"]) for r in labels)
 
 
-def test_initial_round_defaults_to_zero_shot_for_ner_only(data_dir):
+def test_initial_round_defaults_to_zero_shot_and_the_backbone_to_the_kind(data_dir):
     ner = FreeAL(TASK, progress=False)
     classification = FreeAL(load_task(data_dir / "sst2"), progress=False)
     assert ner.loop_config.initial_demos == "none"
-    assert classification.loop_config.initial_demos == "generated"
+    assert classification.loop_config.initial_demos == "none"
+    assert ner.slm_config.backbone == "all-minilm-l6-v2"
+    assert classification.slm_config.backbone == "all-mpnet-base-v2"
+    finetune = FreeAL(load_task(data_dir / "sst2"), slm=SLMConfig(mode="finetune"), progress=False)
+    assert finetune.slm_config.backbone == "all-minilm-l6-v2"
     assert FreeAL(TASK, loop=LoopConfig(initial_demos="generated")).loop_config.initial_demos == "generated"

@@ -160,8 +160,9 @@ def test_the_loop_writes_demonstrations_through_the_server(server, data_dir, tmp
     runner = FreeAL(
         task,
         LLMConfig(backend="openai", model=MODEL, base_url=server.url, cache_path=tmp_path / "c.sqlite"),
-        SLMConfig(mode="head", epochs=3, warmup_epochs=1, device="cpu"),
+        SLMConfig(mode="head", backbone="all-minilm-l6-v2", epochs=3, warmup_epochs=1, device="cpu"),
         LoopConfig(
+            initial_demos="generated",
             demos_per_label=2,
             demos_per_call=2,
             max_calls_per_label=8,

@@ -22,8 +22,10 @@ from freeal.loop import FreeAL
 from freeal.slm.classifier import SLMClassifier
 from freeal.tasks import load_task
 
-SLM = SLMConfig(mode="head", epochs=4, warmup_epochs=1, device="cpu")
-ZERO_SHOT_START = LoopConfig(initial_demos="none", refinery_rounds=1, min_change=0, k=4, group_size=12)
+SLM = SLMConfig(mode="head", backbone="all-minilm-l6-v2", epochs=4, warmup_epochs=1, device="cpu")
+ZERO_SHOT_START = LoopConfig(
+    initial_demos="none", refinery_rounds=1, min_change=0, k=4, group_size=12, min_kappa=-1.0
+)
 
 
 @pytest.fixture(scope="module")
