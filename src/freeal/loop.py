@@ -463,10 +463,13 @@ class FreeAL:
         fit = read_jsonl(self._path(f"round-{r}/slm") / "predictions.jsonl")
         signatures = [self.kind.signature(a) for a in answers]
         losses = np.asarray([np.nan if p["mean_loss"] is None else p["mean_loss"] for p in fit])
+        # refinery asks what the loss split calls noisy (the paper) or where the SLM disagrees;
+        # feedback() adds the unanswered items and leaves out the pool's members either way
+        doubted = [not p["agree"] if cfg.refine == "disagree" else not p["clean"] for p in fit]
         found = feedback(
             signatures,
             [p["agree"] for p in fit],
-            [not p["clean"] for p in fit],
+            doubted,
             losses,
             self.vectors,
             fraction=cfg.clean_fraction,
@@ -482,10 +485,6 @@ class FreeAL:
             for d in found.pool
         ]
         noisy = found.noisy
-        if cfg.refine == "disagree":
-            ask = np.asarray([not p["agree"] for p in fit]) | np.asarray([a is None for a in answers])
-            ask[found.pool_indices] = False
-            noisy = np.flatnonzero(ask)
         result: dict = {"round": r, "clean_set": len(found.clean), "pool": len(pool)}
         problem = self.kind.pool_problem(pool)
         # Can the SLM learn the LLM's answers at all? Chance-level agreement (kappa) between the two
@@ -511,7 +510,7 @@ class FreeAL:
             result["clean_set_precision"] = float(right[found.clean].mean()) if len(found.clean) else None
         return result
 
-    # -- the end ----------------------------------------------------------------------------------
+    # -- the final labels -------------------------------------------------------------------------
     def _final(self, last: int) -> dict:
         """Each item's final answer and confidence: the LLM's last answer weighed with the SLM's
         (:meth:`~freeal.kinds.base.TaskKind.combine`), or the LLM's alone (``final_label: llm``)."""
