@@ -1,10 +1,15 @@
-"""Shared fixtures: the real data in ../shared/data and the small real models."""
+"""Shared fixtures: the real data in ../shared/data, the small real models, and a scripted LLM."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from freeal.llm.base import LabelScores
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -24,3 +29,40 @@ def smollm2():
 
     path, name = resolve_model("smollm2-135m")
     return LlamaCppAnnotator(path, name=name, n_ctx=1024)
+
+
+class ScriptedLLM:
+    """A classification annotator that loads no model: ``label(text, labels)`` picks each answer from
+    the text in the prompt, ``seconds(prompt)`` is how long it works on it (one call after another),
+    a token is 4 characters; ``asked`` lists the texts asked, in order."""
+
+    supports_grammar = False
+
+    def __init__(
+        self,
+        label: Callable[[str, list[str]], str],
+        seconds: Callable[[Any], float] = lambda prompt: 0.0,
+        identity: str = "scripted-llm",
+    ) -> None:
+        self.label, self.seconds, self.identity = label, seconds, identity
+        self.asked: list[str] = []
+
+    def score_many(self, prompts, labels):  # type: ignore[no-untyped-def]
+        for i, prompt in enumerate(prompts):
+            content = prompt[-1]["content"]
+            text = content.rsplit("Text: ", 1)[-1].removesuffix("\nLabel:")
+            self.asked.append(text)
+            time.sleep(self.seconds(prompt))
+            label = self.label(text, list(labels))
+            sent = sum(len(m["content"]) for m in prompt) // 4
+            scores = [0.0 if name == label else -3.0 for name in labels]
+            yield i, LabelScores(label, scores, sent, len(content) // 4, 1)
+
+    def generate_many(self, prompts, **kw):  # type: ignore[no-untyped-def]
+        raise AssertionError("a zero-shot classification run writes no demonstrations")
+
+
+@pytest.fixture
+def scripted_llm() -> type[ScriptedLLM]:
+    """:class:`ScriptedLLM`, to build with the test's own rule (and pace)."""
+    return ScriptedLLM

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from freeal.cli import app
 from freeal.data import read_items, read_jsonl, write_jsonl_atomic
+from freeal.errors import FreeALError
 
 FREEAL = [sys.executable, "-m", "freeal"]
 
@@ -30,10 +31,9 @@ def cached_answers(path: Path) -> int:
         return 0
 
 
-def test_killed_annotate_resumes_without_repeating_llm_calls(data_dir, tmp_path):
-    n = 60
-    cache, out = tmp_path / "cache.sqlite", tmp_path / "labels.jsonl"
-    args = [
+def annotate_sst2(data_dir: Path, tmp_path: Path, n: int) -> list[str]:
+    """``freeal annotate`` on n SST-2 test texts with the 135M model, cache and labels in tmp_path."""
+    return [
         *FREEAL,
         "annotate",
         "--task",
@@ -47,11 +47,16 @@ def test_killed_annotate_resumes_without_repeating_llm_calls(data_dir, tmp_path)
         "--calibrate",
         "off",
         "--cache",
-        str(cache),
+        str(tmp_path / "cache.sqlite"),
         "--out",
-        str(out),
-        "--quiet",
+        str(tmp_path / "labels.jsonl"),
     ]
+
+
+def test_killed_annotate_resumes_without_repeating_llm_calls(data_dir, tmp_path):
+    n = 60
+    cache, out = tmp_path / "cache.sqlite", tmp_path / "labels.jsonl"
+    args = [*annotate_sst2(data_dir, tmp_path, n), "--quiet"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while cached_answers(cache) < 15 and time.monotonic() < deadline and proc.poll() is None:
@@ -145,3 +150,21 @@ def test_train_writes_predictions_clean_split_and_demonstrations(data_dir, tmp_p
     assert metrics["inductive"]["accuracy"] > 0.6
     assert metrics["clean_set_precision"] > 0.8  # the noisy input is 80% right
     assert (tmp_path / "slm" / "model" / "model.pt").is_file()
+
+
+def test_json_logs_are_one_object_a_line_and_quiet_prints_no_progress(data_dir, tmp_path):
+    args = annotate_sst2(data_dir, tmp_path, 12)
+    logged = subprocess.run([*args, "--json-logs"], capture_output=True, text=True, check=True)
+    lines = [json.loads(line) for line in logged.stderr.splitlines()]  # every line is JSON
+    events = [line["event"] for line in lines]
+    assert "message" in events and events[-1] == "done" and logged.stdout == ""
+    progress = [line for line in lines if line["event"] == "progress"]
+    assert progress[-1]["done"] == progress[-1]["total"] == 12 and progress[-1]["seconds_left"] == 0
+    assert lines[-1]["labels"] == str(tmp_path / "labels.jsonl")
+
+    quiet = subprocess.run([*args, "--quiet"], capture_output=True, text=True, check=True)
+    assert "labeling" not in quiet.stderr and "12/12" not in quiet.stderr  # answers come from the cache
+    assert "accuracy" in quiet.stderr  # results still print
+
+    both = CliRunner().invoke(app, [*args[3:], "--quiet", "--json-logs"])
+    assert isinstance(both.exception, FreeALError) and "choose one of --quiet" in str(both.exception)

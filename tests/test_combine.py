@@ -32,7 +32,7 @@ def test_each_opinion_wins_where_it_is_sure_and_the_other_is_not():
         _llm([0.10, 0.10, 0.80]),  # both agree: c
     ]
     fits = [_slm([0.05, 0.90, 0.05]), _slm([0.30, 0.30, 0.40]), _slm([0.10, 0.10, 0.80])]
-    final, confidence = kind.combine(None, rows, fits, slm_weight=1.0)
+    final, confidence = kind.combine(None, [(rows, fits)], slm_weight=1.0)
     assert final == ["b", "a", "c"]
     assert all(0 < c <= 1 for c in confidence)
     assert confidence[2] > rows[2]["confidence"]  # two opinions agreeing are surer than one
@@ -42,15 +42,15 @@ def test_weight_zero_or_no_slm_probabilities_keep_the_llm_answer():
     kind = kind_of(TASK)
     rows = [_llm([0.45, 0.40, 0.15])]
     fits = [_slm([0.05, 0.90, 0.05])]
-    assert kind.combine(None, rows, fits, slm_weight=0.0) == (["a"], [0.45])
+    assert kind.combine(None, [(rows, fits)], slm_weight=0.0) == (["a"], [0.45])
     no_probs = [{"predicted": "b", "confidence": 0.9, "probs": None}]
-    assert kind.combine(None, rows, no_probs, 1.0) == (["a"], [0.45])
+    assert kind.combine(None, [(rows, no_probs)], 1.0) == (["a"], [0.45])
 
 
 def test_an_abstention_takes_the_slm_label():
     kind = kind_of(TASK)
     rows = [{"label": None, "confidence": None, "probs": None}]
-    final, confidence = kind.combine(None, rows, [_slm([0.2, 0.7, 0.1])], slm_weight=0.5)
+    final, confidence = kind.combine(None, [(rows, [_slm([0.2, 0.7, 0.1])])], slm_weight=0.5)
     assert final == ["b"]
     assert confidence[0] > 0.5
 
@@ -127,10 +127,27 @@ def test_ner_marks_a_phrase_where_the_llm_missed_what_it_marked_elsewhere():
     sentences = Sentences([str(i) for i in range(len(tokens))], tokens, None, "test")
     kind = kind_of(NER_TASK)
     rows = [{"spans": s} for s in llm]
-    final, confidence = kind.combine(sentences, rows, [{}] * len(rows), slm_weight=0.5)
+    final, confidence = kind.combine(sentences, [(rows, [{}] * len(rows))], slm_weight=0.5)
     assert final[2] == [["Chemical", 2, 3], ["Disease", 4, 6]]
     assert final[4] == [] and final[5] == []
     assert final[6] is None
     assert final[:2] == llm[:2] and final[3] == llm[3]
-    assert confidence == [None] * len(rows)
-    assert kind.combine(sentences, rows, [{}] * len(rows), slm_weight=0.0)[0] == llm
+    assert confidence == [1.0] * 6 + [None]  # one opinion: every decision unanimous
+    assert kind.combine(sentences, [(rows, [{}] * len(rows))], slm_weight=0.0)[0] == llm
+
+
+def test_ner_final_entities_are_a_weighted_vote_of_every_round():
+    tokens = [["Aspirin", "eased", "the", "migraine", "attack", "."], ["Nothing", "here", "."]]
+    sentences = Sentences(["a", "b"], tokens, None, "test")
+    kind = kind_of(NER_TASK)
+    aspirin, migraine, attack = ["Chemical", 0, 1], ["Disease", 3, 4], ["Disease", 3, 5]
+    round0 = ([{"spans": [aspirin, migraine]}, {"spans": []}], [{"predicted": [aspirin]}, {"predicted": []}])
+    # refinery dropped aspirin (the tagger still holds it) and widened the disease
+    round1 = ([{"spans": [attack]}, {"spans": [["Disease", 0, 1]]}], [{"predicted": [aspirin, migraine]}, {}])
+    final, confidence = kind.combine(sentences, [round0, round1], slm_weight=0.5)
+    # of 3 (1 + 0.5 + 1 + 0.5): aspirin 2, migraine 1.5 (half: kept), attack 1 (and it overlaps)
+    assert final[0] == [aspirin, migraine]
+    assert confidence[0] == pytest.approx(0.5)  # the least clear decision: migraine, 1.5 of 3
+    # sentence b: the second tagger opinion is missing (weights 2.5); "Nothing" 1 of 2.5 -> dropped
+    assert final[1] == [] and confidence[1] == pytest.approx(1.5 / 2.5)
+    assert kind.combine(sentences, [round0, round1], slm_weight=0.0)[0] == [[attack], [["Disease", 0, 1]]]

@@ -176,8 +176,56 @@ def test_missing_file(tmp_path):
 def test_directory_is_not_readable(tmp_path):
     folder = tmp_path / "d.csv"
     folder.mkdir()
-    with pytest.raises(FreeALError, match=r"d\.csv: cannot read the file"):
+    with pytest.raises(FreeALError, match=r"d\.csv: not a data file, nor a folder written by save_to_disk"):
         read_items(folder)
+
+
+def test_hugging_face_dataset_class_ids_become_names_and_folders_read(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+    )
+    data = datasets.Dataset.from_dict(
+        {"text": ["bad", "good", "unsure"], "label": [0, 1, -1]}, features=features
+    )
+    items = read_items(data, task=TASK)
+    assert items.texts == ["bad", "good", "unsure"] and items.gold == ["negative", "positive", None]
+    data.save_to_disk(tmp_path / "one")
+    assert read_items(tmp_path / "one", task=TASK).gold == ["negative", "positive", None]
+    datasets.DatasetDict({"train": data, "test": data}).save_to_disk(tmp_path / "both")
+    with pytest.raises(FreeALError, match=r"holds the splits train, test; give one split's folder"):
+        read_items(tmp_path / "both")
+    assert read_items(tmp_path / "both" / "test").source == str(tmp_path / "both" / "test")
+
+
+def test_hugging_face_ner_dataset_reads_ner_tags_by_name(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from freeal.data import read_sentences
+
+    names = ["O", "B-Chemical", "I-Chemical", "B-Disease", "I-Disease"]
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names)),
+        }
+    )
+    data = datasets.Dataset.from_dict(
+        {
+            "id": ["a", "b"],
+            "tokens": [["Aspirin", "helps"], ["no", "fever", "here"]],
+            "ner_tags": [[1, 0], [0, 3, 0]],
+        },
+        features=features,
+    )
+    data.save_to_disk(tmp_path / "ner")
+    task = Task(
+        name="cdr", kind="ner", description="Chemicals and diseases.", labels={"Chemical": "", "Disease": ""}
+    )
+    for source in (data, tmp_path / "ner"):
+        sentences = read_sentences(source, task=task)
+        assert sentences.ids == ["a", "b"] and sentences.tokens[1] == ["no", "fever", "here"]
+        assert sentences.gold == [["B-Chemical", "O"], ["O", "B-Disease", "O"]]
 
 
 def test_unknown_extension(tmp_path):

@@ -315,7 +315,7 @@ def test_ner_loop_runs_reports_and_resumes_after_a_kill(data_dir, smollm2, tmp_p
     for step in NER_STEPS:
         assert (loop.run_dir / step / "step.json").is_file(), step
     assert list(frame.columns) == [
-        "id", "tokens", "tags", "entities", "clean", "round_changed",
+        "id", "tokens", "tags", "entities", "confidence", "clean", "round_changed",
         "slm_tags", "slm_confidence", "agreement",
     ]  # fmt: skip
     assert all(len(t) == len(k) for t, k in zip(frame["tokens"], frame["slm_tags"], strict=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -15,6 +15,7 @@ from rich.table import Table
 from freeal.config import DataConfig, LLMConfig, RunConfig, validate
 from freeal.errors import FreeALError
 from freeal.extras import require
+from freeal.progress import emit, mode, sayer, set_mode
 
 app = typer.Typer(
     add_completion=False,
@@ -25,6 +26,21 @@ console = Console(stderr=True)
 
 
 TaskOption = Annotated[Path, typer.Option(help="Task file (JSON/YAML) or a data folder holding task.json.")]
+QuietOption = Annotated[
+    bool, typer.Option(help="No progress bars and no step messages; results still print.")
+]
+JsonLogsOption = Annotated[
+    bool, typer.Option(help="Progress, messages and results as one JSON object a line on stderr.")
+]
+
+
+def display(quiet: bool, json_logs: bool) -> None:
+    """Set the process's display: JSON lines for pipelines, silence, or rich bars (the default)."""
+    if quiet and json_logs:
+        raise FreeALError("choose one of --quiet and --json-logs")
+    set_mode("json" if json_logs else "quiet" if quiet else "rich")
+
+
 TextColumnOption = Annotated[str, typer.Option(help="Column holding the text.")]
 
 
@@ -34,7 +50,10 @@ def _commands() -> None:
 
 
 def print_metrics(report: dict, title: str) -> None:
-    """Accuracy, macro-F1 and the confusion matrix as rich tables."""
+    """Accuracy, macro-F1 and the confusion matrix as rich tables (a ``metrics`` line in JSON mode)."""
+    if mode() == "json":
+        emit("metrics", title=title, **report)
+        return
     console.print(
         f"[bold]{title}[/]: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} "
         f"on {report['n']} items with gold labels ({report['abstained']} abstained)"
@@ -85,7 +104,8 @@ def annotate(
     cache: Annotated[Path | None, typer.Option(help="SQLite cache of LLM answers.")] = None,
     limit: Annotated[int | None, typer.Option(help="Label a fixed random slice of this many items.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the slice.")] = 0,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOption = False,
+    json_logs: JsonLogsOption = False,
 ) -> None:
     """Label every text zero-shot with the LLM; print accuracy when gold labels exist."""
     from freeal.annotate import annotate as run_annotate
@@ -113,13 +133,15 @@ def annotate(
         },
         "options",
     )
+    display(quiet, json_logs)
+    say = sayer(console.print)
     the_task = load_task(task)
     the_task.require_classification("`freeal annotate`")
     items = read_items(
         data, text_col=text_col, id_col=id_col, label_col=label_col, task=the_task, limit=limit, seed=seed
     )
     annotator = make_annotator(cfg)
-    console.print(
+    say(
         f"labeling {len(items)} texts from {items.source} with {annotator.identity}"
         f" (calibration {cfg.calibrate})"
     )
@@ -139,7 +161,7 @@ def annotate(
         "seconds_per_item": elapsed / max(len(items), 1),
         "llm": ledger.to_json(),
     }
-    console.print(
+    say(
         f"wrote {out}: {len(items)} labels in {elapsed:.1f} s ({summary['seconds_per_item']:.3f} s/item); "
         f"{ledger.calls} LLM calls, {ledger.cache_hits} answers from the cache, "
         f"{ledger.prompt_tokens} prompt tokens ({ledger.evaluated_tokens} evaluated), "
@@ -147,13 +169,15 @@ def annotate(
     )
     counts = frame["label"].fillna("<abstain>").value_counts()
     summary["predicted_distribution"] = {str(k): int(v) for k, v in counts.items()}
-    console.print(f"calibration applied: {'yes' if frame.attrs['calibrated'] else 'no'}")
-    console.print("predicted labels: " + ", ".join(f"{k} {v / len(items):.1%}" for k, v in counts.items()))
+    say(f"calibration applied: {'yes' if frame.attrs['calibrated'] else 'no'}")
+    say("predicted labels: " + ", ".join(f"{k} {v / len(items):.1%}" for k, v in counts.items()))
     if items.gold is not None:
         summary["metrics"] = classification_report(items.gold, frame["label"].tolist(), the_task.label_names)
         if summary["metrics"]["n"]:
             print_metrics(summary["metrics"], "against gold labels")
     write_text_atomic(f"{out}.summary.json", json.dumps(summary, indent=2))
+    if mode() == "json":
+        emit("done", labels=str(out), summary=f"{out}.summary.json")
 
 
 @app.command()
@@ -330,23 +354,14 @@ def load_run_config(path: Path) -> RunConfig:
     if cfg.llm.cache_path is not None:
         cfg.llm.cache_path = here(cfg.llm.cache_path)
     for what, p in (("data.path", cfg.data.path), ("test.path", cfg.test.path if cfg.test else None)):
-        if p is not None and not p.is_file():
-            raise FreeALError(f"{path}: {what}: no such file {p}")
+        if p is not None and not p.exists():
+            raise FreeALError(f"{path}: {what}: no such file or dataset folder {p}")
     return cfg
 
 
-@app.command()
-def run(
-    config: Annotated[Path, typer.Argument(help="Run config (YAML/JSON): task, data, out, llm, slm, loop.")],
-    out: Annotated[Path | None, typer.Option(help="Run folder (overrides the config's `out`).")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
-) -> None:
-    """Run the FreeAL loop (or resume it in its run folder); print the per-round report."""
-    from rich.table import Table
-
+def read_config_data(config: Path) -> tuple[RunConfig, Any, Any, Any]:
+    """A run config's settings, task, texts and test set, all checked before any model loads."""
     from freeal.data import read_items, read_sentences
-    from freeal.loop import FreeAL
-    from freeal.report import table, type_rows
     from freeal.tasks import load_task, task_from_dict
 
     cfg = load_run_config(config)
@@ -370,15 +385,46 @@ def run(
     test = read(cfg.test) if cfg.test else None
     if test is not None and test.gold is None:
         raise FreeALError(f"{test.source}: the test set needs gold labels (column {cfg.test.label_col!r})")
-    loop = FreeAL(
-        the_task, cfg.llm, cfg.slm, cfg.loop, run_dir=out or cfg.out, progress=not quiet, say=console.print
-    )
-    console.print(f"{len(items)} {loop.kind.unit} from {items.source}; run folder {loop.run_dir}")
+    return cfg, the_task, items, test
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML/JSON): task, data, out, llm, slm, loop.")],
+    out: Annotated[Path | None, typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+    quiet: QuietOption = False,
+    json_logs: JsonLogsOption = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the run's plan (as `freeal plan`) and stop.")] = False,
+) -> None:
+    """Run the FreeAL loop (or resume it in its run folder); print the per-round report."""
+    from rich.table import Table
+
+    from freeal.loop import FreeAL
+    from freeal.report import table, type_rows
+
+    if dry_run:
+        plan(config, json_out=None, price_in=None, price_out=None)
+        return
+    display(quiet, json_logs)
+    say = sayer(console.print)
+    cfg, the_task, items, test = read_config_data(config)
+    loop = FreeAL(the_task, cfg.llm, cfg.slm, cfg.loop, run_dir=out or cfg.out, progress=not quiet, say=say)
+    say(f"{len(items)} {loop.kind.unit} from {items.source}; run folder {loop.run_dir}")
     try:
         loop.fit(items, test=test)
     except KeyboardInterrupt:
-        console.print("interrupted: finished steps and LLM answers are kept; run the same command to resume")
+        say("interrupted: finished steps and LLM answers are kept; run the same command to resume")
         raise typer.Exit(130) from None
+    if mode() == "json":
+        final = loop.report_.get("final") or {}
+        emit(
+            "done",
+            labels=str(loop.run_dir / "labels.jsonl"),
+            report=str(loop.run_dir / "report.html"),
+            metrics=final.get("metrics"),
+            totals=loop.report_.get("totals"),
+        )
+        return
     # a log file or a pipe gets the whole table, not one squeezed to rich's default 80 columns
     shown = console if console.is_terminal else Console(stderr=True, width=180)
     shown.print(table(loop.report_))
@@ -392,6 +438,58 @@ def run(
         shown.print(per_type)
     console.print(f"labels: {loop.run_dir / 'labels.jsonl'}", soft_wrap=True)
     console.print(f"report: {loop.run_dir / 'report.html'}", soft_wrap=True)
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML/JSON), as for `freeal run`.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan here.")] = None,
+    price_in: Annotated[
+        float | None, typer.Option(help="Price per 1M tokens sent, for a served model (prints a cost).")
+    ] = None,
+    price_out: Annotated[float | None, typer.Option(help="Price per 1M tokens generated.")] = None,
+) -> None:
+    """What a run of CONFIG will cost, per stage, before paying for it: LLM calls, tokens, time on
+    this machine (from a few timed probe calls) and disk. Nothing is written to the run folder."""
+    from freeal.llm import make_annotator
+    from freeal.plan import plan_run
+
+    cfg, the_task, items, _ = read_config_data(config)
+    console.print(f"planning a run over {len(items)} items of {items.source}: timing a few probe calls")
+    prices = (price_in or 0.0, price_out or 0.0) if price_in is not None or price_out is not None else None
+    found = plan_run(
+        the_task,
+        items,
+        cfg.llm,
+        cfg.slm,
+        cfg.loop,
+        annotator=make_annotator(cfg.llm),
+        price_per_million=prices,
+    )
+    shown = Table(title=f"plan: {found['items']} {found['unit']} with {found['model']}")
+    for col in ("stage", "LLM calls", "tokens sent", "tokens evaluated", "minutes"):
+        shown.add_column(col, justify="left" if col == "stage" else "right")
+    for stage in [*found["stages"], found["total"]]:
+        shown.add_row(
+            stage["name"],
+            f"{stage['calls']:,}",
+            f"{stage['sent_tokens']:,}",
+            f"{stage['evaluated_tokens']:,}",
+            f"{stage['seconds'] / 60:.1f}",
+        )
+    console.print(shown)
+    low, high = (s / 60 for s in found["seconds_range"])
+    console.print(
+        f"refinery assumed to ask {found['assumed_noisy_share']:.0%} of the {found['unit']} a round "
+        f"({found['noisy_share_range'][0]:.0%}-{found['noisy_share_range'][1]:.0%} measured): "
+        f"{low:.1f}-{high:.1f} minutes; run folder about {found['disk_mb']:.0f} MB"
+    )
+    if "cost" in found:
+        console.print(f"cost at the given prices: {found['cost']:.2f}")
+    if json_out is not None:
+        from freeal.data import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps(found, indent=2))
 
 
 @app.command()
@@ -524,6 +622,55 @@ def serve(
         f"(extra buffers {'on' if enabled else 'off'})"
     )
     uvicorn.run(server, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A finished run folder (holding labels.jsonl).")],
+    to: Annotated[str, typer.Option(help="label-studio, argilla, datasets (Hugging Face) or csv.")],
+    only_noisy: Annotated[
+        bool, typer.Option(help="Only the items the SLM flagged noisy (clean: false).")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the most doubtful N items.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="File (label-studio, csv) or folder (argilla, datasets); default RUN/export/."),
+    ] = None,
+) -> None:
+    """Export the run's final labels for a person to check, lowest confidence first."""
+    from freeal.export import export_run
+
+    done = export_run(run, to, only_noisy=only_noisy, limit=limit, out=out)
+    console.print(f"wrote {done.items} items to {done.path}", soft_wrap=True)
+    if done.config is not None:
+        console.print(
+            f"Label Studio labeling config (create the project with it): {done.config}", soft_wrap=True
+        )
+    if to == "argilla":
+        console.print(
+            f"upload with: rg.Dataset.from_disk({str(done.path)!r}, client=rg.Argilla(...))", soft_wrap=True
+        )
+
+
+@app.command("import")
+def import_(
+    run: Annotated[Path, typer.Argument(help="The run folder the reviewed items were exported from.")],
+    file: Annotated[
+        Path, typer.Argument(help="The reviewed project's export (Label Studio: Export > JSON).")
+    ],
+    source: Annotated[str, typer.Option("--from", help="The tool that made FILE: label-studio.")],
+) -> None:
+    """Import a person's labels: kept in RUN/human/, final in labels.jsonl, never asked again."""
+    from freeal.export import import_corrections
+
+    if source != "label-studio":
+        raise FreeALError(f"--from {source!r}: only label-studio exports can be imported")
+    done = import_corrections(run, file)
+    console.print(
+        f"imported {done.corrections} labels from {file} ({done.changed} differ from freeal's; "
+        f"{done.skipped} tasks had no submitted annotation); {done.total} in {done.path}",
+        soft_wrap=True,
+    )
 
 
 def main() -> None:

@@ -112,7 +112,8 @@ def read_items(
     """Read and validate a data set.
 
     ``data`` is a path to a ``.jsonl``, ``.json`` (a list of objects), ``.csv`` or ``.tsv`` file, a
-    ``pandas.DataFrame``, or a Hugging Face ``datasets.Dataset`` (anything with ``to_pandas``).
+    ``pandas.DataFrame``, a Hugging Face ``datasets.Dataset`` (anything with ``to_pandas``; its
+    ``ClassLabel`` ids become their names) or a folder written by its ``save_to_disk``.
     TSV is read literally (no quote handling), as GLUE-style files are written; use CSV for texts
     holding tabs or newlines.
 
@@ -180,18 +181,59 @@ def _load(data: Any) -> _Table:
     if isinstance(data, pd.DataFrame):
         return _from_frame(data, "<DataFrame>")
     if isinstance(data, (str, os.PathLike)):
-        return _load_path(Path(data))
+        path = Path(data)
+        return _from_frame(dataset_frame(path), str(path)) if path.is_dir() else _load_path(path)
     if hasattr(data, "to_pandas"):  # a datasets.Dataset, without importing datasets
-        frame = data.to_pandas()
-        if not isinstance(frame, pd.DataFrame):
-            raise FreeALError(
-                f"cannot read data of type {type(data).__name__}: to_pandas() gave no DataFrame"
-            )
-        return _from_frame(frame, f"<{type(data).__name__}>")
+        return _from_frame(dataset_frame(data), f"<{type(data).__name__}>")
     raise FreeALError(
-        f"cannot read data of type {type(data).__name__}: give a file path, a pandas DataFrame "
-        "or a datasets.Dataset"
+        f"cannot read data of type {type(data).__name__}: give a file path, a pandas DataFrame, "
+        "a datasets.Dataset or a folder written by its save_to_disk"
     )
+
+
+def load_saved_dataset(path: Path) -> Any:
+    """The ``datasets.Dataset`` that ``save_to_disk`` wrote in ``path`` (one split, not a dict)."""
+    from freeal.extras import require
+
+    require("datasets", what=f"reading the Hugging Face dataset folder {path}")
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise FreeALError(f"{path}: not a data file, nor a folder written by save_to_disk ({exc})") from exc
+    if isinstance(data, datasets.DatasetDict):
+        raise FreeALError(
+            f"{path} holds the splits {', '.join(data)}; give one split's folder, "
+            f"e.g. {path / next(iter(data))}"
+        )
+    return data
+
+
+def dataset_frame(data: Any) -> pd.DataFrame:
+    """A ``datasets.Dataset`` (or the folder its ``save_to_disk`` wrote) as a DataFrame, with
+    ``ClassLabel`` ids (also inside sequences) as their names: freeal's labels are names, so a class
+    id would fail the task's label check; sequences become lists, as the NER reader expects."""
+    if isinstance(data, (str, os.PathLike)):
+        data = load_saved_dataset(Path(data))
+    frame = data.to_pandas()
+    if not isinstance(frame, pd.DataFrame):
+        raise FreeALError(f"cannot read data of type {type(data).__name__}: to_pandas() gave no DataFrame")
+    for col, feature in (getattr(data, "features", None) or {}).items():
+        inner = getattr(feature, "feature", None)
+        if hasattr(feature, "int2str"):
+            frame[col] = [_class_name(feature, v) for v in frame[col]]
+        elif inner is not None:
+            named = hasattr(inner, "int2str")
+            frame[col] = [
+                None if v is None else [_class_name(inner, x) if named else x for x in v] for v in frame[col]
+            ]
+    return frame
+
+
+def _class_name(feature: Any, value: Any) -> str | None:
+    """The name of class id ``value``; ``datasets`` writes -1 (or nothing) for a missing label."""
+    return None if _missing(value) or int(value) < 0 else str(feature.int2str(int(value)))
 
 
 def _load_path(path: Path) -> _Table:
@@ -473,13 +515,21 @@ def read_sentences(
     ``data`` is a JSONL file of ``{"tokens": [...], "tags": [...]}`` (or ``{"text": ...}``, split by
     :func:`freeal.ner.tokenize`; an ``id`` is used when present), a CoNLL-style column file
     (``.conll``/``.iob``/``.bio``/``.txt``: token first, IOB2 tag last, a blank line between
-    sentences, ``-DOCSTART-`` lines skipped), or a list of strings or token lists. Tags are optional
-    (``tags_key=None`` ignores them); when present they are checked as IOB2 over the task's types.
+    sentences, ``-DOCSTART-`` lines skipped), a ``datasets.Dataset`` or a folder written by its
+    ``save_to_disk`` (``ClassLabel`` tags become their names; ``ner_tags`` is read when there is no
+    ``tags`` column), or a list of strings or token lists. Tags are optional (``tags_key=None``
+    ignores them); when present they are checked as IOB2 over the task's types.
     ``limit``/``seed`` take a fixed random slice, as in :func:`read_items`.
     """
     from freeal.ner import check_tags, tokenize
 
-    if isinstance(data, (str, os.PathLike)):
+    if hasattr(data, "to_pandas") or (isinstance(data, (str, os.PathLike)) and Path(data).is_dir()):
+        named = str(data) if isinstance(data, (str, os.PathLike)) else "<Dataset>"
+        table = _from_frame(dataset_frame(data), named)
+        source, rows = table.source, list(zip(table.rownums, table.rows, strict=True))
+        if tags_key and tags_key not in (table.columns or []) and "ner_tags" in (table.columns or []):
+            tags_key = "ner_tags"  # the Hugging Face hub's name for IOB2 tags
+    elif isinstance(data, (str, os.PathLike)):
         path = Path(data)
         source = str(path)
         if path.suffix.lower() in _CONLL_SUFFIXES:

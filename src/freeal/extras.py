@@ -3,8 +3,9 @@
 ``pip install freeal`` labels with an OpenAI-compatible server alone; the embedded LLM needs
 ``freeal[local]`` (llama-cpp-python, compiled on install), the SLM and the loop's embeddings need
 ``freeal[slm]`` (torch, transformers, sentence-transformers), ``freeal serve`` needs
-``freeal[serve]``. Code that uses a part calls :func:`require` first, so a missing part is one
-error naming the pip command instead of an ImportError deep in a run.
+``freeal[serve]``, Hugging Face ``datasets`` folders in and out need ``freeal[hub]``. Code that
+uses a part calls :func:`require` first, so a missing part is one error naming the pip command
+instead of an ImportError deep in a run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ EXTRA_OF = {
     "sentence_transformers": "slm",
     "uvicorn": "serve",
     "fastapi": "serve",
+    "datasets": "hub",
 }
 
 

@@ -39,6 +39,7 @@ from freeal.data import read_jsonl, write_jsonl_atomic, write_text_atomic
 from freeal.demos import demonstration_groups
 from freeal.embed import Embedder
 from freeal.errors import FreeALError
+from freeal.export import apply_corrections, read_corrections
 from freeal.feedback import feedback
 from freeal.kinds import kind_of
 from freeal.kinds.base import Answers, Group
@@ -276,7 +277,23 @@ class FreeAL:
         return read_jsonl(self._path(name) / "labels.jsonl")
 
     def _answers(self, name: str) -> list[Any]:
-        return [r[self.kind.answer_key] for r in self._rows(name)]
+        """A round's answers, a person's (:meth:`_corrections`) in place of the LLM's."""
+        answers = [r[self.kind.answer_key] for r in self._rows(name)]
+        for i, answer in self._corrections().items():
+            answers[i] = answer
+        return answers
+
+    def _corrections(self) -> dict[int, Any]:
+        """Answers people gave (``freeal import``), by item position. They are fixed for every
+        step that runs after the import: never asked again, learnt by the SLM as they are, clean in
+        the feedback, and the final label."""
+        where = {item_id: i for i, item_id in enumerate(self.items.ids)}
+        return {where[i]: row[self.kind.answer_key] for i, row in read_corrections(self.run_dir).items()}
+
+    def _not_fixed(self, positions: np.ndarray) -> np.ndarray:
+        """``positions`` less the items a person labelled, whose answers are never asked again."""
+        fixed = np.fromiter(self._corrections(), dtype=np.int64)
+        return positions[~np.isin(positions, fixed)]
 
     # -- scoring (gold only) ----------------------------------------------------------------------
     def _score(self, answers: Sequence[Any]) -> dict | None:
@@ -360,7 +377,7 @@ class FreeAL:
         return result
 
     def _initial_round(self) -> dict:
-        everything = np.arange(len(self.items))
+        everything = self._not_fixed(np.arange(len(self.items)))
         demos = (
             read_jsonl(self._path("demos") / "demos.jsonl")
             if self.loop_config.initial_demos == "generated"
@@ -375,6 +392,7 @@ class FreeAL:
         where = {item_id: i for i, item_id in enumerate(self.items.ids)}
         folder = self._path(f"round-{r - 1}/feedback")
         ask = np.asarray([where[row["id"]] for row in read_jsonl(folder / "noisy.jsonl")], dtype=np.int64)
+        ask = self._not_fixed(ask)  # feedback written before an import may still list them
         members = read_jsonl(folder / "pool.jsonl")
         pool = [{k: v for k, v in p.items() if k not in ("id", "loss")} for p in members]
         at = np.asarray([where[p["id"]] for p in members], dtype=np.int64)
@@ -464,11 +482,17 @@ class FreeAL:
         signatures = [self.kind.signature(a) for a in answers]
         losses = np.asarray([np.nan if p["mean_loss"] is None else p["mean_loss"] for p in fit])
         # refinery asks what the loss split calls noisy (the paper) or where the SLM disagrees;
-        # feedback() adds the unanswered items and leaves out the pool's members either way
-        doubted = [not p["agree"] if cfg.refine == "disagree" else not p["clean"] for p in fit]
+        # feedback() adds the unanswered items and leaves out the pool's members either way. A
+        # person's answer is clean and never doubted.
+        fixed = self._corrections()
+        agree = [p["agree"] or i in fixed for i, p in enumerate(fit)]
+        doubted = [
+            i not in fixed and not (p["agree"] if cfg.refine == "disagree" else p["clean"])
+            for i, p in enumerate(fit)
+        ]
         found = feedback(
             signatures,
-            [p["agree"] for p in fit],
+            agree,
             doubted,
             losses,
             self.vectors,
@@ -515,10 +539,13 @@ class FreeAL:
         """Each item's final answer and confidence: the LLM's last answer weighed with the SLM's
         (:meth:`~freeal.kinds.base.TaskKind.combine`), or the LLM's alone (``final_label: llm``)."""
         cfg = self.loop_config
-        rows = self._rows(f"round-{last}/llm")
-        fit_rows = read_jsonl(self._path(f"round-{last}/slm") / "predictions.jsonl")
+        rounds = [
+            (self._rows(f"round-{r}/llm"), read_jsonl(self._path(f"round-{r}/slm") / "predictions.jsonl"))
+            for r in range(last + 1)
+        ]
+        rows = rounds[-1][0]
         weight = cfg.slm_weight if cfg.final_label == "combined" else 0.0
-        final, confidence = self.kind.combine(self.items, rows, fit_rows, weight)
+        final, confidence = self.kind.combine(self.items, rounds, weight)
         key = self.kind.answer_key
         write_jsonl_atomic(
             self._path("final") / "answers.jsonl",
@@ -554,6 +581,9 @@ class FreeAL:
         frame = pd.DataFrame(
             {"id": self.items.ids, **self.kind.output(self.items, rows, fit_rows, final, confidence)}
         )
+        corrections = read_corrections(self.run_dir)
+        if corrections:  # a person's answers (freeal import) are the final labels where given
+            frame = pd.DataFrame(apply_corrections(self.task, frame.to_dict("records"), corrections))
         write_jsonl_atomic(self._path("labels.jsonl"), frame.to_dict("records"))
         self.report_ = collect(self._path(""))
         write_text_atomic(self._path("report.json"), json.dumps(self.report_, indent=2, default=_plain))

@@ -1,8 +1,12 @@
 """How the labels were reached: per-round numbers from a run folder, as a table and an HTML page.
 
-Everything is read back from the steps' ``step.json`` files, so a report can be made for any run
-folder, finished or not, without running anything. The HTML page is self-contained (plots are
-embedded PNGs, no scripts, no network), so it can be mailed or opened offline.
+Everything is read back from the run folder (the steps' ``step.json`` and per-item JSONL files,
+``items.jsonl``), so a report can be made for any run folder, finished or not, without running
+anything. Gold labels only add scores (accuracy plots, confusion matrices); without them the page
+still shows what a user can judge the labels by: how they moved per round, how often the SLM
+trained on them agrees, how confident both models are, and the texts to check first. The HTML
+page is self-contained (plots are embedded PNGs, no scripts, no network), so it can be mailed or
+opened offline.
 """
 
 from __future__ import annotations
@@ -11,32 +15,77 @@ import base64
 import html
 import io
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+
+BINS = 20  # confidence histograms: equal-width bins over [0, 1]
+EXAMPLES = 10  # texts per "check first" table
 
 
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _lines(path: Path) -> list[dict]:
+    from freeal.data import read_jsonl
+
+    return read_jsonl(path) if path.is_file() else []
+
+
+def _histogram(values: list[float | None]) -> list[int] | None:
+    """Counts per confidence bin (kept instead of the values, so report.json stays small)."""
+    import numpy as np
+
+    known = [v for v in values if v is not None]
+    return np.histogram(known, bins=BINS, range=(0, 1))[0].tolist() if known else None
+
+
+def _show(answer: Any, tokens: list[str] | None) -> str:
+    """An answer as a reader wants it: a label, or a sentence's entities as ``type: words``, one a
+    line."""
+    if answer is None:
+        return "(no answer)"
+    if isinstance(answer, str):
+        return answer
+    return "\n".join(f"{k}: {' '.join((tokens or [])[a:b])}" for k, a, b in answer) or "(no entities)"
+
+
+def _stage(r: int) -> str:
+    return "initial round" if r == 0 else f"refinery {r}"
+
+
 def collect(run_dir: str | Path) -> dict:
     """Per-round numbers of a run folder: the demonstrations step, each round's LLM, SLM and
-    feedback steps, the zero-shot baseline when it was run, and totals."""
+    feedback steps with the LLM-SLM agreement and confidence histograms, the zero-shot baseline
+    when it was run, the texts to check first, and totals."""
+    from freeal.kinds import KINDS
+
     run_dir = Path(run_dir)
-    rounds = []
+    spec = _read(run_dir / "run.json") or {}
+    kind = KINDS.get(spec.get("task", {}).get("kind", "classification"), KINDS["classification"])
+    rounds, answers, fit = [], [], []
     r = 0
     while (llm := _read(run_dir / f"round-{r}/llm/step.json")) is not None:
+        answers.append(_lines(run_dir / f"round-{r}/llm/labels.jsonl"))
+        fit = _lines(run_dir / f"round-{r}/slm/predictions.jsonl")
         rounds.append(
             {
                 "round": r,
                 "llm": llm,
                 "slm": _read(run_dir / f"round-{r}/slm/step.json"),
                 "feedback": _read(run_dir / f"round-{r}/feedback/step.json"),
+                "agreement": sum(p["agree"] for p in fit) / len(fit) if fit else None,
+                "confidence": {
+                    "LLM": _histogram([row.get("confidence") for row in answers[-1]]),
+                    "SLM": _histogram([p["confidence"] for p in fit]),
+                },
             }
         )
         r += 1
+    final = _lines(run_dir / "final/answers.jsonl")
     steps = [
         s
         for s in (
@@ -47,15 +96,17 @@ def collect(run_dir: str | Path) -> dict:
         if s
     ]
     usage = [s.get("llm_usage") or {} for s in steps]
-    spec = _read(run_dir / "run.json") or {}
     return {
         "run_dir": str(run_dir),
         "task": spec.get("task", {}).get("name"),
+        "unit": kind.unit,
         "items": spec.get("texts", {}).get("n"),
         "zero_shot": _read(run_dir / "zero-shot/step.json"),
         "demos": _read(run_dir / "demos/step.json"),
         "rounds": rounds,
         "final": _read(run_dir / "final/step.json"),
+        "final_confidence": _histogram([a.get("confidence") for a in final]),
+        "examples": _examples(_lines(run_dir / "items.jsonl"), kind.answer_key, answers, fit, final),
         "totals": {
             "seconds": sum(s["seconds"] for s in steps),
             "llm_calls": sum(u.get("calls", 0) for u in usage),
@@ -66,11 +117,58 @@ def collect(run_dir: str | Path) -> dict:
     }
 
 
+def _examples(
+    items: list[dict], key: str, answers: list[list[dict]], fit: list[dict], final: list[dict]
+) -> dict:
+    """The texts to check first, with their labels stage by stage: the least confident labels
+    (confidence of the final labels, else of the last SLM or LLM, whichever the run has) and those
+    whose label changed most often. Rows of every file are in ``items.jsonl``'s order."""
+    stages = [*answers, final] if final else answers
+    names = [_stage(r) for r in range(len(answers))] + (["final"] if final else [])
+    source, confidence = next(
+        (
+            (name, [row.get("confidence") for row in rows])
+            for name, rows in (("final labels", final), ("SLM", fit), ("LLM", answers[-1] if answers else []))
+            if any(row.get("confidence") is not None for row in rows)
+        ),
+        (None, [None] * len(items)),
+    )
+    records = []
+    for i, item in enumerate(items if all(len(s) == len(items) for s in stages) else []):
+        tokens = item.get("tokens")
+        trail = [_show(rows[i][key], tokens) for rows in stages]
+        records.append(
+            {
+                "id": item["id"],
+                "text": item["text"] if "text" in item else " ".join(tokens or []),
+                "labels": trail,
+                "changes": sum(a != b for a, b in pairwise(trail)),
+                "slm": _show(fit[i]["predicted"], tokens) if fit else None,
+                "confidence": confidence[i],
+            }
+        )
+    known = [x for x in records if x["confidence"] is not None]
+    return {
+        "stages": names,
+        "confidence_of": source,
+        "least_confident": sorted(known, key=lambda x: x["confidence"])[:EXAMPLES],
+        "most_changed": sorted(
+            (x for x in records if x["changes"]), key=lambda x: (-x["changes"], x["confidence"] or 1.0)
+        )[:EXAMPLES],
+    }
+
+
 def score(metrics: dict | None) -> float | None:
     """The headline number of a metrics dict: accuracy (classification) or entity F1 (NER)."""
     if not metrics or not metrics.get("n"):
         return None
     return metrics.get("accuracy", metrics.get("f1"))
+
+
+def has_gold(report: dict) -> bool:
+    """Whether any stage was scored against gold labels (else the page shows no scores at all)."""
+    steps = [report.get("zero_shot"), report.get("final"), *(rd["llm"] for rd in report["rounds"])]
+    return any(score((s or {}).get("metrics")) is not None for s in steps)
 
 
 def _acc(report: dict | None) -> str:
@@ -82,103 +180,104 @@ def _pct(x: float | None) -> str:
     return f"{x:.1%}" if x is not None else "–"
 
 
+def _cost(step: dict) -> dict[str, str]:
+    """What a step cost: LLM calls (cache hits are free and shown apart), tokens and seconds."""
+    u = step.get("llm_usage") or {}
+    hits = f" (+{u['cache_hits']} cached)" if u.get("cache_hits") else ""
+    return {
+        "LLM calls": f"{u.get('calls', 0)}{hits}",
+        "tokens eval./prompt": f"{u.get('evaluated_tokens', 0)} / {u.get('prompt_tokens', 0)}",
+        "LLM s": f"{step['seconds']:.0f}",
+    }
+
+
+# name, what it means, whether it needs gold labels
+COLUMNS = [
+    ("stage", "", False),
+    ("asked", "texts the LLM labeled", False),
+    ("changed", "labels the step changed", False),
+    ("noisy", "share the SLM flagged noisy", False),
+    ("LLM=SLM", "share of texts where the SLM, trained on the labels, predicts the LLM's label", False),
+    ("LLM calls", "calls made (+ answers taken from the cache, free)", False),
+    ("tokens eval./prompt", "prompt tokens the model evaluated / sent", False),
+    ("LLM s", "seconds of LLM work", False),
+    ("SLM s", "seconds of SLM training", False),
+    ("labels acc./F1", "the labels against gold (accuracy; entity-level F1 for NER)", True),
+    ("SLM train", "the same for the SLM's predictions on the labeled texts", True),
+    ("SLM test", "the same on the test set", True),
+    ("clean prec.", "share of clean-flagged labels that are right (NER: sentences all right)", True),
+]  # fmt: skip
+HEADER = [name for name, _, _ in COLUMNS]
+
+
 def rows(report: dict) -> list[list[str]]:
-    """The table's rows: one per stage (zero-shot baseline, demonstration writing, each round)."""
-    out = []
+    """The table's rows: one per stage (zero-shot baseline, demonstration writing, each round, the
+    final labels), one cell per column of ``COLUMNS`` ('–' where a stage has no such number)."""
+    stages = []
     zs = report.get("zero_shot")
     if zs:
-        u = zs.get("llm_usage", {})
-        out.append(
-            [
-                "zero-shot (baseline)",
-                str(zs["asked"]),
-                "–",
-                "–",
-                str(u.get("calls", 0)),
-                f"{u.get('evaluated_tokens', 0)} / {u.get('prompt_tokens', 0)}",
-                f"{zs['seconds']:.0f}",
-                "–",
-                _acc(zs.get("metrics")),
-                "–",
-                "–",
-                "–",
-            ]
+        stages.append(
+            {
+                "stage": "zero-shot (baseline)",
+                "asked": str(zs["asked"]),
+                **_cost(zs),
+                "labels acc./F1": _acc(zs.get("metrics")),
+            }
         )
     demos = report.get("demos")
     if demos:
-        u = demos.get("llm_usage", {})
-        out.append(
-            [
-                "demonstrations",
-                f"{demos['verified']} of {demos['kept']} kept"
-                if "verified" in demos
-                else f"{demos['kept']} kept",
-                "–",
-                "–",
-                str(u.get("calls", 0)),
-                f"{u.get('evaluated_tokens', 0)} / {u.get('prompt_tokens', 0)}",
-                f"{demos['seconds']:.0f}",
-                "–",
-                "–",
-                "–",
-                "–",
-                "–",
-            ]
+        kept = (
+            f"{demos['verified']} of {demos['kept']} kept" if "verified" in demos else f"{demos['kept']} kept"
         )
+        stages.append({"stage": "demonstrations", "asked": kept, **_cost(demos)})
     for rd in report["rounds"]:
         llm, slm = rd["llm"], rd["slm"] or {}
-        u = llm.get("llm_usage", {})
-        name = "initial round" if rd["round"] == 0 else f"refinery {rd['round']}"
-        out.append(
-            [
-                name,
-                str(llm["asked"]),
-                "–" if rd["round"] == 0 else _pct(llm["changed_share"]),
-                _pct(slm.get("noisy_share")),
-                str(u.get("calls", 0)),
-                f"{u.get('evaluated_tokens', 0)} / {u.get('prompt_tokens', 0)}",
-                f"{llm['seconds']:.0f}",
-                f"{slm['seconds']:.0f}" if slm else "–",
-                _acc(llm.get("metrics")),
-                _acc(slm.get("transductive")),
-                _acc(slm.get("inductive")),
-                _pct(slm.get("clean_precision")),
-            ]
+        stages.append(
+            {
+                "stage": _stage(rd["round"]),
+                "asked": str(llm["asked"]),
+                "changed": "–" if rd["round"] == 0 else _pct(llm["changed_share"]),
+                "noisy": _pct(slm.get("noisy_share")),
+                "LLM=SLM": _pct(rd.get("agreement")),
+                **_cost(llm),
+                **({"SLM s": f"{slm['seconds']:.0f}"} if slm else {}),
+                "labels acc./F1": _acc(llm.get("metrics")),
+                "SLM train": _acc(slm.get("transductive")),
+                "SLM test": _acc(slm.get("inductive")),
+                "clean prec.": _pct(slm.get("clean_precision")),
+            }
         )
     final = report.get("final")
     if final:
-        out.append(
-            [
-                f"final ({'LLM + SLM' if final['rule'] == 'combined' else 'LLM'})",
-                "–",
-                str(final["changed_from_llm"]),
-                *["–"] * 5,
-                _acc(final.get("metrics")),
-                *["–"] * 3,
-            ]
+        stages.append(
+            {
+                "stage": f"final ({'LLM + SLM' if final['rule'] == 'combined' else 'LLM'})",
+                "changed": str(final["changed_from_llm"]),
+                "labels acc./F1": _acc(final.get("metrics")),
+            }
         )
-    return out
+    return [[s.get(name, "–") for name in HEADER] for s in stages]
 
 
-HEADER = [
-    "stage", "asked", "changed", "noisy", "LLM calls", "tokens eval./prompt",
-    "LLM s", "SLM s", "labels acc./F1", "SLM train", "SLM test", "clean prec.",
-]  # fmt: skip
-CAPTION = (
-    "asked: texts the LLM labeled; changed: labels changed by the round; noisy: share the SLM flagged "
-    "noisy; tokens: prompt tokens the model evaluated / sent; labels acc./F1: the labels against gold "
-    "(accuracy; entity-level F1 for NER); SLM train / test: the same for the SLM's predictions on the "
-    "labeled texts / the test set; clean prec.: share of clean-flagged labels that are right (NER: "
-    "sentences whose tags are all right)"
-)
+def columns(report: dict) -> tuple[list[str], list[list[str]], str]:
+    """Header, rows and caption of the table, without the gold-only columns when there is no gold
+    (a column of dashes says nothing, and would suggest a score that was never measured)."""
+    gold = has_gold(report)
+    keep = [i for i, (_, _, needs_gold) in enumerate(COLUMNS) if gold or not needs_gold]
+    caption = "; ".join(f"{COLUMNS[i][0]}: {COLUMNS[i][1]}" for i in keep[1:])
+    return [HEADER[i] for i in keep], [[row[i] for i in keep] for row in rows(report)], caption
 
 
 def table(report: dict) -> Table:
-    """The per-round table for the terminal (accuracy columns show '–' without gold labels)."""
-    t = Table(title=f"freeal run: {report['task']} ({report['items']} texts)", caption=CAPTION)
-    for col in HEADER:
+    """The per-round table for the terminal (scores only when there are gold labels)."""
+    header, body, caption = columns(report)
+    t = Table(
+        title=f"freeal run: {report['task']} ({report['items']} {report['unit']})",
+        caption=caption,
+    )
+    for col in header:
         t.add_column(col, justify="left" if col == "stage" else "right")
-    for row in rows(report):
+    for row in body:
         t.add_row(*row)
     return t
 
@@ -189,49 +288,92 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _round_axis(ax: Any, xs: list[int], ylabel: str, final: bool = False) -> None:
+    """The x axis every per-round plot shares (with a 'final' tick after the rounds when plotted),
+    and the legend under the plot, where it hides no data and leaves room for two plots a row."""
+    ticks = [*xs, len(xs)] if final else xs
+    ax.set_xticks(ticks, [str(x) for x in xs] + (["final"] if final else []))
+    ax.set_xlabel("round (0 = initial)")
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+
+
 def _plots(report: dict) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
+    import numpy as np
     from matplotlib import pyplot as plt
 
     rounds = report["rounds"]
     xs = [rd["round"] for rd in rounds]
     plots = []
-    series = {
-        "LLM labels": [score(rd["llm"].get("metrics")) for rd in rounds],
-        "SLM on the train texts": [score((rd["slm"] or {}).get("transductive")) for rd in rounds],
-        "SLM on the test set": [score((rd["slm"] or {}).get("inductive")) for rd in rounds],
-    }
-    if any(v is not None for vals in series.values() for v in vals):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+
+    def keep(title: str, fig: Any) -> None:
+        plots.append((title, _png(fig)))
+        plt.close(fig)
+
+    if has_gold(report):
+        ner = "f1" in (rounds[0]["llm"].get("metrics") or {}) if rounds else False
+        fig, ax = plt.subplots(figsize=(5, 3))
+        series = {
+            "LLM labels": [score(rd["llm"].get("metrics")) for rd in rounds],
+            "SLM on the train texts": [score((rd["slm"] or {}).get("transductive")) for rd in rounds],
+            "SLM on the test set": [score((rd["slm"] or {}).get("inductive")) for rd in rounds],
+        }
         for name, vals in series.items():
             pts = [(x, v) for x, v in zip(xs, vals, strict=True) if v is not None]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-        zs = (report.get("zero_shot") or {}).get("metrics")
-        if score(zs) is not None:
-            ax.axhline(score(zs), color="grey", linestyle="--", label="zero-shot labels")
-        ax.set_xlabel("round (0 = initial)")
-        ax.set_ylabel("entity F1" if "f1" in (rounds[0]["llm"].get("metrics") or {}) else "accuracy")
-        ax.set_xticks(xs)
-        ax.legend()
-        plots.append(("Accuracy per round", _png(fig)))
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+        final = score((report.get("final") or {}).get("metrics"))
+        if final is not None:
+            ax.plot([len(xs)], [final], marker="*", markersize=14, linestyle="", label="final labels")
+        zs = score((report.get("zero_shot") or {}).get("metrics"))
+        if zs is not None:
+            ax.axhline(zs, color="grey", linestyle="--", label="zero-shot labels")
+        _round_axis(ax, xs, "entity F1" if ner else "accuracy", final is not None)
+        keep(f"{'Entity F1' if ner else 'Accuracy'} per round (against gold)", fig)
+    fig, ax = plt.subplots(figsize=(5, 3))
     width = 0.38
     changed = [rd["llm"].get("changed_share", 0.0) if rd["round"] else 0.0 for rd in rounds]
     noisy = [(rd["slm"] or {}).get("noisy_share", 0.0) for rd in rounds]
     ax.bar([x - width / 2 for x in xs], changed, width, label="labels changed this round")
     ax.bar([x + width / 2 for x in xs], noisy, width, label="flagged noisy by the SLM")
-    ax.set_xlabel("round (0 = initial)")
-    ax.set_ylabel("share of texts")
-    ax.set_xticks(xs)
-    ax.legend()
-    plots.append(("Label changes and estimated noise per round", _png(fig)))
-    plt.close(fig)
-    for rd in rounds:
-        metrics = rd["llm"].get("metrics")
+    _round_axis(ax, xs, f"share of {report['unit']}")
+    keep("Label changes and estimated noise per round", fig)
+    agree = [
+        (x, rd["agreement"]) for x, rd in zip(xs, rounds, strict=True) if rd.get("agreement") is not None
+    ]
+    kappa = [(x, (rd["feedback"] or {}).get("kappa")) for x, rd in zip(xs, rounds, strict=True)]
+    kappa = [(x, k) for x, k in kappa if k is not None]
+    if agree:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.plot(*zip(*agree, strict=True), marker="o", label="SLM predicts the LLM's label")
+        if kappa:
+            ax.plot(*zip(*kappa, strict=True), marker="s", label="kappa (before each refinery)")
+        ax.set_ylim(min(0.0, *(k for _, k in kappa)), 1.02)
+        _round_axis(ax, xs, "share / kappa")
+        keep("LLM-SLM agreement per round", fig)
+    panels = [
+        (title, [(f"round {rd['round']}", rd["confidence"][who]) for rd in rounds if rd["confidence"][who]])
+        for title, who in (("LLM answers", "LLM"), ("SLM predictions", "SLM"))
+    ] + [("final labels", [("final", report["final_confidence"])] if report.get("final_confidence") else [])]
+    panels = [(title, lines) for title, lines in panels if lines]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3), sharey=True, squeeze=False)
+        for ax, (title, lines) in zip(axes[0], panels, strict=True):
+            for name, counts in lines:
+                ax.stairs(counts, np.linspace(0, 1, BINS + 1), label=name, linewidth=1.5)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("confidence")
+            ax.set_yscale("log")  # the few low-confidence answers are what matters
+            ax.legend(loc="upper left", fontsize=8)
+        axes[0][0].set_ylabel(report["unit"])
+        keep(f"Confidence (log scale) of the {', '.join(t for t, _ in panels)}", fig)
+    shown = [(f"{_stage(rounds[0]['round'])}'s labels", rounds[0]["llm"])] if rounds else []
+    shown += [("final labels", report["final"])] if report.get("final") else []
+    for name, step in shown:
+        metrics = step.get("metrics")
         if not metrics or not metrics.get("n") or "confusion" not in metrics:
             continue
         fig, ax = plt.subplots(figsize=(4, 3.5))
@@ -246,18 +388,15 @@ def _plots(report: dict) -> list[tuple[str, str]]:
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color=shade)
         ax.set_xlabel("label given")
         ax.set_ylabel("gold")
-        plots.append((f"Confusion matrix of the labels after round {rd['round']}", _png(fig)))
-        plt.close(fig)
+        keep(f"Confusion matrix of the {name}", fig)
     return plots
 
 
 def type_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """NER only: entity precision / recall / F1 per type for each stage's labels (empty otherwise)."""
     stages = [("zero-shot (baseline)", report.get("zero_shot"))] if report.get("zero_shot") else []
-    stages += [
-        ("initial round" if rd["round"] == 0 else f"refinery {rd['round']}", rd["llm"])
-        for rd in report["rounds"]
-    ]
+    stages += [(_stage(rd["round"]), rd["llm"]) for rd in report["rounds"]]
+    stages += [("final", report["final"])] if report.get("final") else []
     metrics = [(name, step.get("metrics")) for name, step in stages if step]
     kinds = sorted({k for _, m in metrics if m and "per_type" in m for k in m["per_type"]})
     if not kinds:
@@ -275,22 +414,52 @@ def type_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, out
 
 
+def _html_table(header: list[str], body: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>'
+
+
+def _check_first(report: dict) -> str:
+    """The 'texts to check first' tables: each text with its label stage by stage, a label shown
+    only where it changed ('=' where it did not, so changes stand out), and the SLM's prediction."""
+    ex = report.get("examples") or {}
+    header = ["text", *ex.get("stages", []), "SLM (last round)", "confidence"]
+    out = []
+    for title, picked in (
+        ("Least confident", ex.get("least_confident")),
+        ("Changed most often", ex.get("most_changed")),
+    ):
+        if picked:
+            body = [
+                [
+                    x["text"],
+                    *(
+                        now if i == 0 or now != x["labels"][i - 1] else "="
+                        for i, now in enumerate(x["labels"])
+                    ),
+                    x["slm"] or "–",
+                    f"{x['confidence']:.2f}" if x["confidence"] is not None else "–",
+                ]
+                for x in picked
+            ]
+            out.append(f"<h3>{html.escape(title)}</h3>{_html_table(header, body, 'texts')}")
+    note = f"Labels stage by stage ('=': unchanged); confidence of the {ex.get('confidence_of')}."
+    return (
+        f"<h2>Texts to check first</h2><p><small>{html.escape(note)}</small></p>{''.join(out)}" if out else ""
+    )
+
+
 def write_html(report: dict, path: str | Path) -> Path:
-    """A self-contained HTML page: the per-round table, totals, and plots."""
+    """A self-contained HTML page: the per-stage table (labels, agreement, cost), totals, per-round
+    plots and the texts to check first."""
     from freeal.data import write_text_atomic
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows(report)
-    )
+    header, body, caption = columns(report)
     totals = report["totals"]
     kinds_head, kinds_rows = type_rows(report)
     per_type = (
-        "<h2>Entities per type (labels against gold)</h2><table><thead><tr>"
-        + "".join(f"<th>{html.escape(h)}</th>" for h in kinds_head)
-        + "</tr></thead><tbody>"
-        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in kinds_rows)
-        + "</tbody></table>"
+        f"<h2>Entities per type (labels against gold)</h2>{_html_table(kinds_head, kinds_rows)}"
         if kinds_rows
         else ""
     )
@@ -299,21 +468,35 @@ def write_html(report: dict, path: str | Path) -> Path:
         "</figcaption></figure>"
         for t, b64 in _plots(report)
     )
+    gold = (
+        "Gold labels were used only to score this page; the LLM and the SLM never saw them."
+        if has_gold(report)
+        else "No gold labels: nothing here is scored against the truth. What the labels can be judged by: "
+        "how much each round changed them, how often the SLM trained on them predicts them back, how "
+        "confident both models are, and the texts below to check first."
+    )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>freeal run: {html.escape(str(report["task"]))}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
-figure{{display:inline-block;margin:1em}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1250px}}
+table{{border-collapse:collapse;margin:.5em 0}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap;font-size:.92em}}
+td:first-child,th:first-child{{text-align:left}}
+table.texts td,table.texts th{{text-align:left;vertical-align:top;white-space:pre-line}}
+table.texts td:first-child{{min-width:22em;max-width:36em}}
+figure{{display:inline-block;margin:1em;vertical-align:top}}small{{color:#555}}</style></head><body>
 <h1>freeal run: {html.escape(str(report["task"]))}</h1>
-<p>{report["items"]} texts; run folder <code>{html.escape(report["run_dir"])}</code>.
+<p>{report["items"]} {report["unit"]}; run folder <code>{html.escape(report["run_dir"])}</code>.
 Total {totals["seconds"]:.0f} s, {totals["llm_calls"]} LLM calls
 ({totals["llm_cache_hits"]} answers from the cache),
-{totals["evaluated_tokens"]} prompt tokens evaluated of {totals["prompt_tokens"]}.
-Accuracies need gold labels and are '–' without them; gold labels are used only for this page.</p>
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<p><small>{html.escape(CAPTION)}</small></p>
+{totals["evaluated_tokens"]} prompt tokens evaluated of {totals["prompt_tokens"]}.</p>
+<p>{gold}</p>
+<h2>Stages: labels, agreement and cost</h2>
+{_html_table(header, body)}
+<p><small>{html.escape(caption)}</small></p>
 {per_type}
+<h2>Round by round</h2>
 {figures}
+{_check_first(report)}
 </body></html>
 """
     return write_text_atomic(path, page)

@@ -157,12 +157,14 @@ class TaskKind(ABC):
         """The model's answers on other items (the test set)."""
 
     def combine(
-        self, items: Any, rows: list[dict], fit_rows: list[dict], slm_weight: float
+        self, items: Any, rounds: Sequence[tuple[list[dict], list[dict]]], slm_weight: float
     ) -> tuple[list[Any], list[Any]]:
-        """Each item's final answer and its confidence, from the LLM's last rows and the SLM's
-        predictions (``predictions.jsonl``); ``slm_weight`` 0 means the LLM's answers as they are.
-        This default keeps them; a kind with more to weigh says how (classification: the SLM's
-        held-out probabilities; NER: what the LLM answered for the same words elsewhere)."""
+        """Each item's final answer and its confidence, from every round's LLM rows and SLM
+        predictions (``labels.jsonl``, ``predictions.jsonl``; oldest first, the last round last);
+        ``slm_weight`` 0 means the LLM's last answers as they are. This default keeps them; a kind
+        with more to weigh says how (classification: the SLM's held-out probabilities; NER: a vote
+        of every round's opinions)."""
+        rows = rounds[-1][0]
         return [r[self.answer_key] for r in rows], [r.get("confidence") for r in rows]
 
     # -- scoring (gold only) -----------------------------------------------------------------------

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ import pandas as pd
 
 from freeal.annotate import label_groups
 from freeal.config import Calibration, LoopConfig, SLMConfig
-from freeal.data import Items, read_items
+from freeal.data import Items, dataset_frame, read_items
 from freeal.demos import generate_demonstrations, verify_demonstrations
 from freeal.extras import require
 from freeal.kinds.base import Answers, Group, SLMFit, TaskKind
@@ -43,9 +44,14 @@ class Classification(TaskKind):
 
     # -- data -------------------------------------------------------------------------------------
     def read(self, data: Any, gold: Sequence[Any] | None) -> Items:
-        """Lists, Series, DataFrames (``text``, optional ``id`` and ``label`` columns) or Items."""
+        """Lists, Series, DataFrames or ``datasets.Dataset`` (``text``, optional ``id`` and ``label``
+        columns), a folder written by ``save_to_disk``, a data file (see :func:`read_items`) or Items."""
         if isinstance(data, Items):
             return data if gold is None else replace(data, gold=list(gold))
+        if isinstance(data, (str, os.PathLike)) and not Path(data).is_dir():
+            return self.read(read_items(data, task=self.task), gold)  # a data file, read with defaults
+        if hasattr(data, "to_pandas") or isinstance(data, (str, os.PathLike)):
+            data = dataset_frame(data)
         frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame({"text": list(data)})
         if gold is not None:
             frame = frame.assign(label=list(gold))
@@ -209,12 +215,13 @@ class Classification(TaskKind):
         return proba
 
     def combine(
-        self, items: Items, rows: list[dict], fit_rows: list[dict], slm_weight: float
+        self, items: Items, rounds: Sequence[tuple[list[dict], list[dict]]], slm_weight: float
     ) -> tuple[list[Any], list[Any]]:
-        """The label the LLM's probabilities and the SLM's (held-out) probabilities make most
+        """The label the LLM's last probabilities and the SLM's (held-out) probabilities make most
         probable together: ``p_llm * p_slm ** slm_weight``, renormalised; its probability is the
         confidence. An item the LLM left unanswered takes the SLM's label; without SLM
         probabilities (``cross_fit`` and the model's own off) the LLM's answer stands."""
+        rows, fit_rows = rounds[-1]
         names = self.task.label_names
         final, confidence = [], []
         for row, fit in zip(rows, fit_rows, strict=True):
