@@ -22,6 +22,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
 
 bench-zeroshot: install

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -72,7 +73,7 @@ def choose_calibration(
     return label_entropy(calibrated) > label_entropy(plain)
 
 
-Group = tuple[Sequence[int], Sequence[tuple[str, str]]]
+Group = tuple[Sequence[int] | np.ndarray, Sequence[tuple[str, str]]]
 
 
 def label_groups(
@@ -125,15 +126,15 @@ def label_groups(
         asked = sorted(answers)
         if not choose_calibration([answers[i] for i in asked], labels, [offsets.get(i) for i in asked]):
             offsets = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i in range(len(texts)):
-        answer = answers.get(i)
-        if answer is None:
+        found = answers.get(i)
+        if found is None:
             rows.append(
                 {"label": None, "confidence": None, "probs": None, "log_scores": None, "asked": False}
             )
             continue
-        label, confidence, probs = decide(answer, labels, offsets.get(i))
+        label, confidence, probs = decide(found, labels, offsets.get(i))
         rows.append(
             {
                 "label": label,

@@ -383,7 +383,7 @@ def read_config_data(config: Path) -> tuple[RunConfig, Any, Any, Any]:
 
     items = read(cfg.data)
     test = read(cfg.test) if cfg.test else None
-    if test is not None and test.gold is None:
+    if cfg.test is not None and test is not None and test.gold is None:
         raise FreeALError(f"{test.source}: the test set needs gold labels (column {cfg.test.label_col!r})")
     return cfg, the_task, items, test
 
@@ -408,8 +408,9 @@ def run(
     display(quiet, json_logs)
     say = sayer(console.print)
     cfg, the_task, items, test = read_config_data(config)
-    loop = FreeAL(the_task, cfg.llm, cfg.slm, cfg.loop, run_dir=out or cfg.out, progress=not quiet, say=say)
-    say(f"{len(items)} {loop.kind.unit} from {items.source}; run folder {loop.run_dir}")
+    run_dir = out or cfg.out
+    loop = FreeAL(the_task, cfg.llm, cfg.slm, cfg.loop, run_dir=run_dir, progress=not quiet, say=say)
+    say(f"{len(items)} {loop.kind.unit} from {items.source}; run folder {run_dir}")
     try:
         loop.fit(items, test=test)
     except KeyboardInterrupt:
@@ -419,8 +420,8 @@ def run(
         final = loop.report_.get("final") or {}
         emit(
             "done",
-            labels=str(loop.run_dir / "labels.jsonl"),
-            report=str(loop.run_dir / "report.html"),
+            labels=str(run_dir / "labels.jsonl"),
+            report=str(run_dir / "report.html"),
             metrics=final.get("metrics"),
             totals=loop.report_.get("totals"),
         )
@@ -436,8 +437,8 @@ def run(
         for row in kinds_rows:
             per_type.add_row(*row)
         shown.print(per_type)
-    console.print(f"labels: {loop.run_dir / 'labels.jsonl'}", soft_wrap=True)
-    console.print(f"report: {loop.run_dir / 'report.html'}", soft_wrap=True)
+    console.print(f"labels: {run_dir / 'labels.jsonl'}", soft_wrap=True)
+    console.print(f"report: {run_dir / 'report.html'}", soft_wrap=True)
 
 
 @app.command()

@@ -6,9 +6,11 @@ bad value is reported before any work starts, naming the key.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -70,7 +72,10 @@ class LLMConfig(BaseModel):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
-def validate(model: type[BaseModel], raw: dict, source: str) -> BaseModel:
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], raw: dict, source: str) -> M:
     """Validate ``raw`` against ``model``; the error names ``source``, the key and the problem."""
     try:
         return model.model_validate(raw)
@@ -219,3 +224,9 @@ class RunConfig(BaseModel):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     slm: SLMConfig = Field(default_factory=SLMConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+
+
+def run_key(spec: dict) -> str:
+    """The 16-hex key of a run's fingerprint (settings, texts, models): it names a default run folder
+    and the model version of exported predictions, so two different runs never share either."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -307,7 +307,7 @@ def _parse_json_list(path: Path, text: str) -> _Table:
 
 def _parse_delimited(path: Path, text: str, sep: str) -> _Table:
     # dtype=str and keep_default_na=False: "NA", "null" or "1e5" in a text column stay text.
-    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
     kind = "TSV" if sep == "\t" else "CSV"
     try:
         with warnings.catch_warnings():
@@ -325,7 +325,7 @@ def _parse_delimited(path: Path, text: str, sep: str) -> _Table:
     return _from_frame(frame, str(path))
 
 
-def _wide_row(text: str, sep: str, quoting: int) -> str:
+def _wide_row(text: str, sep: str, quoting: Literal[0, 1, 2, 3]) -> str:
     """Where a delimited file first has more fields than its header (pandas says only that it
     happened), so the user can find the unquoted separator."""
     try:
@@ -450,7 +450,8 @@ def _describe(value: Any) -> str:
         return f"boolean {str(bool(value)).lower()}"
     if isinstance(value, (numbers.Number, str)):
         return f"{type(value).__name__} {value!r}"
-    return {dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {dict: "an object", list: "a list"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _listing(names: Iterable[Any], most: int = 20) -> str:

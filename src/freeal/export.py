@@ -32,7 +32,6 @@ runs afterwards: never asked again, learnt by the SLM, kept in the final labels.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -49,6 +48,7 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
+from freeal.config import run_key
 from freeal.data import read_jsonl, write_jsonl_atomic, write_text_atomic
 from freeal.errors import FreeALError
 from freeal.extras import require
@@ -112,13 +112,13 @@ def _run_spec(folder: Path) -> dict:
 
 
 def _task(folder: Path, spec: dict) -> Task:
-    return task_from_dict(spec.get("task"), source=str(folder / "run.json"))
+    return task_from_dict(spec.get("task") or {}, source=str(folder / "run.json"))
 
 
 def _model_version(spec: dict) -> str:
     """``freeal-<key>``: the run's fingerprint key (the hash that names a default run folder), so
     predictions from two runs never share a version in the labeling tool."""
-    return "freeal-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return "freeal-" + run_key(spec)
 
 
 def _final_rows(folder: Path) -> list[dict]:

@@ -32,7 +32,10 @@ class Demonstration:
 
 
 def select_clean(
-    signatures: Sequence[str | None], agree: Sequence[bool], losses: np.ndarray, fraction: float = 0.2
+    signatures: Sequence[str | None],
+    agree: Sequence[bool] | np.ndarray,
+    losses: np.ndarray,
+    fraction: float = 0.2,
 ) -> np.ndarray:
     """Positions of the clean set: per signature, the lowest-loss ``fraction`` of its items, drawn
     only from items where the SLM agrees with the LLM's answer (``None``: no answer, never clean)."""
@@ -94,8 +97,8 @@ class Feedback:
 
 def feedback(
     signatures: Sequence[str | None],
-    agree: Sequence[bool],
-    noisy: Sequence[bool],
+    agree: Sequence[bool] | np.ndarray,
+    noisy: Sequence[bool] | np.ndarray,
     losses: np.ndarray,
     embeddings: np.ndarray,
     *,

@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from freeal.config import LLMConfig, LoopConfig, SLMConfig, cache_root
+from freeal.config import LLMConfig, LoopConfig, SLMConfig, cache_root, run_key
 from freeal.data import read_jsonl, write_jsonl_atomic, write_text_atomic
 from freeal.demos import demonstration_groups
 from freeal.embed import Embedder
@@ -165,8 +166,7 @@ class FreeAL:
             self.loop_config,
             models=self._model_identities(),
         )
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        self.run_dir = self.run_dir or cache_root() / "runs" / f"{self.task.name}-{key}"
+        self.run_dir = self.run_dir or cache_root() / "runs" / f"{self.task.name}-{run_key(spec)}"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.run_dir / _LOCK)
         try:
@@ -197,9 +197,9 @@ class FreeAL:
             if r > 1 and self._summary(f"round-{r - 1}/llm")["changed_share"] < cfg.min_change:
                 self.say(f"labels settled after round {r - 1}: stopping")
                 break
-            self._step(f"round-{r - 1}/feedback", lambda r=r: self._feedback(r - 1))
-            self._step(f"round-{r}/llm", lambda r=r: self._refine(r))
-            self._step(f"round-{r}/slm", lambda r=r: self._train(r))
+            self._step(f"round-{r - 1}/feedback", partial(self._feedback, r - 1))
+            self._step(f"round-{r}/llm", partial(self._refine, r))
+            self._step(f"round-{r}/slm", partial(self._train, r))
             last = r
         self._step("final", lambda: self._final(last))
         return self._finish()
@@ -288,7 +288,7 @@ class FreeAL:
         step that runs after the import: never asked again, learnt by the SLM as they are, clean in
         the feedback, and the final label."""
         where = {item_id: i for i, item_id in enumerate(self.items.ids)}
-        return {where[i]: row[self.kind.answer_key] for i, row in read_corrections(self.run_dir).items()}
+        return {where[i]: row[self.kind.answer_key] for i, row in read_corrections(self._path("")).items()}
 
     def _not_fixed(self, positions: np.ndarray) -> np.ndarray:
         """``positions`` less the items a person labelled, whose answers are never asked again."""
@@ -581,7 +581,7 @@ class FreeAL:
         frame = pd.DataFrame(
             {"id": self.items.ids, **self.kind.output(self.items, rows, fit_rows, final, confidence)}
         )
-        corrections = read_corrections(self.run_dir)
+        corrections = read_corrections(self._path(""))
         if corrections:  # a person's answers (freeal import) are the final labels where given
             frame = pd.DataFrame(apply_corrections(self.task, frame.to_dict("records"), corrections))
         write_jsonl_atomic(self._path("labels.jsonl"), frame.to_dict("records"))

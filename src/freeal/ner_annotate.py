@@ -117,7 +117,7 @@ def annotate_sentences(
             continue
         _store(out, order[j], mentions, sentences[order[j]])
     if retry:  # one re-ask, with the reason the first answer could not be read
-        again = [
+        again: list[list[Message]] = [
             [
                 *prompts[j],
                 {"role": "assistant", "content": answers[j].text},

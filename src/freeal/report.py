@@ -66,7 +66,9 @@ def collect(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     spec = _read(run_dir / "run.json") or {}
     kind = KINDS.get(spec.get("task", {}).get("kind", "classification"), KINDS["classification"])
-    rounds, answers, fit = [], [], []
+    rounds: list[dict[str, Any]] = []
+    answers: list[list[dict]] = []
+    fit: list[dict] = []
     r = 0
     while (llm := _read(run_dir / f"round-{r}/llm/step.json")) is not None:
         answers.append(_lines(run_dir / f"round-{r}/llm/labels.jsonl"))
@@ -86,7 +88,7 @@ def collect(run_dir: str | Path) -> dict:
         )
         r += 1
     final = _lines(run_dir / "final/answers.jsonl")
-    steps = [
+    steps: list[dict[str, Any]] = [
         s
         for s in (
             _read(run_dir / "zero-shot/step.json"),
@@ -344,8 +346,11 @@ def _plots(report: dict) -> list[tuple[str, str]]:
     agree = [
         (x, rd["agreement"]) for x, rd in zip(xs, rounds, strict=True) if rd.get("agreement") is not None
     ]
-    kappa = [(x, (rd["feedback"] or {}).get("kappa")) for x, rd in zip(xs, rounds, strict=True)]
-    kappa = [(x, k) for x, k in kappa if k is not None]
+    kappa: list[tuple[int, float]] = [
+        (x, rd["feedback"]["kappa"])
+        for x, rd in zip(xs, rounds, strict=True)
+        if (rd["feedback"] or {}).get("kappa") is not None
+    ]
     if agree:
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.plot(*zip(*agree, strict=True), marker="o", label="SLM predicts the LLM's label")

@@ -143,7 +143,10 @@ class NER(TaskKind):
             self.task,
             items.tokens,
             annotator,
-            [(members, [(d["tokens"], as_spans(d["spans"])) for d in demos]) for members, demos in groups],
+            [
+                (members, [(d["tokens"], as_spans(d["spans"]) or []) for d in demos])
+                for members, demos in groups
+            ],
             progress=progress,
             description=description,
         )
@@ -270,7 +273,8 @@ class NER(TaskKind):
         starting: dict[str, list[tuple[str, ...]]] = defaultdict(list)
         for phrase in votes:
             starting[phrase[0]].append(phrase)
-        places, occurs = [], Counter()
+        places: list[tuple[int, int, tuple[str, ...]]] = []
+        occurs: Counter = Counter()
         for n, words in enumerate(lowered):
             for start, word in enumerate(words):
                 for phrase in starting.get(word, ()):
@@ -324,7 +328,9 @@ class NER(TaskKind):
             "slm_tags": slm_tags,
             "slm_confidence": [p["confidence"] for p in fit_rows],
             "agreement": [
-                None if t is None else float(np.mean([a == b for a, b in zip(t, p, strict=True)]))
+                None
+                if t is None or p is None
+                else float(np.mean([a == b for a, b in zip(t, p, strict=True)]))
                 for t, p in zip(tags, slm_tags, strict=True)
             ],
         }

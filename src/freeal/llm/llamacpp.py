@@ -87,7 +87,7 @@ class LlamaCppAnnotator:
 
     def render(self, messages: list[Message]) -> list[int]:
         """The prompt's tokens under the model's own chat template, ending where the answer starts."""
-        text = self._formatter(messages=messages).prompt
+        text = self._formatter(messages=messages).prompt  # type: ignore[arg-type]  # same dict shape
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def label_tokens(self, label: str) -> list[int]:

@@ -401,12 +401,12 @@ class OpenAICompatAnnotator:
                 raise FreeALError(
                     f"OpenAI-compatible annotator: {name} must be an integer >= {low}, got {value!r}."
                 )
-        for name, value in (
+        for name, rate in (
             ("requests_per_minute", requests_per_minute),
             ("tokens_per_minute", tokens_per_minute),
         ):
-            if value is not None and not value > 0:
-                raise FreeALError(f"OpenAI-compatible annotator: {name} must be positive, got {value!r}.")
+            if rate is not None and not rate > 0:
+                raise FreeALError(f"OpenAI-compatible annotator: {name} must be positive, got {rate!r}.")
         if not timeout > 0 or backoff_base < 0 or backoff_max < 0:
             raise FreeALError(
                 "OpenAI-compatible annotator: timeout must be positive and backoff non-negative."

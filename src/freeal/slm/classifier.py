@@ -63,6 +63,7 @@ class SLMClassifier(RobustTrainer):
 
     WEIGHTS = "model.pt"
     META = "slm.json"
+    net: _Net
 
     def __init__(
         self,

@@ -141,9 +141,9 @@ class SLMTagger(RobustTrainer):
         noisy (on a 30-sentence BC5CDR smoke run it flagged 90% of them)."""
         if len(sentences) != len(tags):
             raise FreeALError("sentences and tags must have the same length")
-        for k, (words, row) in enumerate(zip(sentences, tags, strict=True)):
-            if row is not None and len(row) != len(words):
-                raise FreeALError(f"sentence {k + 1}: {len(words)} tokens but {len(row)} tags")
+        for k, (sentence, row) in enumerate(zip(sentences, tags, strict=True)):
+            if row is not None and len(row) != len(sentence):
+                raise FreeALError(f"sentence {k + 1}: {len(sentence)} tokens but {len(row)} tags")
             if row is not None and any(t not in self.tags for t in row):
                 bad = next(t for t in row if t not in self.tags)
                 raise FreeALError(f"sentence {k + 1}: tag {bad!r} is not one of {', '.join(self.tags)}")
