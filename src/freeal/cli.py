@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,6 +40,8 @@ def display(quiet: bool, json_logs: bool) -> None:
     if quiet and json_logs:
         raise FreeALError("choose one of --quiet and --json-logs")
     set_mode("json" if json_logs else "quiet" if quiet else "rich")
+    if quiet or json_logs:  # Hugging Face's own bars (weights loading), read when transformers loads
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 TextColumnOption = Annotated[str, typer.Option(help="Column holding the text.")]

@@ -142,6 +142,16 @@ def _fit_pass(calls: list[_Call], lengths: dict[int, int]) -> _PassModel:
     return _PassModel(group, item)
 
 
+#: Characters a prompt may hold after the text it asks about (``"\nLabel:"``).
+_TAIL = 16
+
+
+def _ends_with(message: str, text: str) -> bool:
+    """Whether ``text`` ends ``message`` but for a short tail (the asked text, not a demonstration)."""
+    at = message.rfind(text)
+    return at >= 0 and len(message) - (at + len(text)) <= _TAIL
+
+
 def _probe_pass(
     kind: Any, timed: _Timed, annotator: CachedAnnotator, items: Any, demos: list[dict], calibrate: Any
 ) -> tuple[list[_Call], Any]:
@@ -158,8 +168,10 @@ def _probe_pass(
     texts = kind.texts(items)
     calls = []
     for prompt, answer, seconds in timed.log[start:]:
+        # the text asked about ends the last message (demonstrations come before it, and a
+        # calibration input is no item): the item is the longest text ending within its last chars
         asked = str(prompt[-1].get("content") or "")
-        found = [i for i, text in enumerate(texts) if text in asked]
+        found = [i for i, text in enumerate(texts) if _ends_with(asked, text)]
         calls.append(
             _Call(
                 item=max(found, key=lambda i: len(texts[i])) if found else None,
@@ -209,26 +221,31 @@ def plan_run(
         probing.cache.close()
         first = _fit_pass(zs_calls, sample_lengths)
         refine = _fit_pass(ref_calls, sample_lengths)
+        # a fresh draw: a sample embedded before is on disk and would time as free
+        fresh = np.random.default_rng()
         first_train, later_train, model_mb = _probe_slm(
-            kind, items, slm, slm_probe, rng, scratch, lengths_all
+            kind, items, slm, slm_probe, fresh, scratch, lengths_all
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     embed_seconds = _probe_embedding(slm.device, texts, rng, slm_probe)
 
+    def groups(asked: int) -> int:  # groups sharing demonstrations, or one an item (group_size null)
+        return math.ceil(asked / loop.group_size) if loop.group_size else asked
+
     stages = [Stage("embed texts", seconds=embed_seconds)]
-    ask_all = first.stage("round 0 (every item)", 1, lengths_all)
-    stages.append(ask_all)
-    if loop.zero_shot_baseline and loop.initial_demos == "generated":
-        stages.append(first.stage("zero-shot baseline", 1, lengths_all))
-    if loop.initial_demos == "generated":
+    if loop.initial_demos == "generated":  # the paper: written demonstrations, then each text with its own
+        if loop.zero_shot_baseline:
+            stages.append(first.stage("zero-shot baseline", 1, lengths_all))
         stages.append(Stage("write demonstrations (not planned: measured in the run)"))
+        stages.append(refine.stage("round 0 (every item, with demonstrations)", groups(n), lengths_all))
+    else:
+        stages.append(first.stage("round 0 (every item)", 1, lengths_all))
     stages.append(Stage("round 0 SLM", seconds=first_train))
     asked = max(1, round(noisy_share * n))
-    groups = math.ceil(asked / loop.group_size) if loop.group_size else asked
     mean_length = float(lengths_all.mean())
     for r in range(1, loop.refinery_rounds + 1):
-        stages.append(refine.stage(f"round {r} refinery", groups, np.full(asked, mean_length)))
+        stages.append(refine.stage(f"round {r} refinery", groups(asked), np.full(asked, mean_length)))
         stages.append(Stage(f"round {r} SLM", seconds=later_train))
     plan: dict = {
         "items": n,

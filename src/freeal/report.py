@@ -356,7 +356,7 @@ def _plots(report: dict) -> list[tuple[str, str]]:
         ax.plot(*zip(*agree, strict=True), marker="o", label="SLM predicts the LLM's label")
         if kappa:
             ax.plot(*zip(*kappa, strict=True), marker="s", label="kappa (before each refinery)")
-        ax.set_ylim(min(0.0, *(k for _, k in kappa)), 1.02)
+        ax.set_ylim(min([0.0, *(k for _, k in kappa)]), 1.02)
         _round_axis(ax, xs, "share / kappa")
         keep("LLM-SLM agreement per round", fig)
     panels = [
