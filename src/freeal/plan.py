@@ -289,10 +289,13 @@ def _probe_slm(
     scratch: Path,
     lengths_all: np.ndarray,
 ) -> tuple[float, float, float]:
-    """Seconds of the first SLM step (embedding + training) and of a later one (training; the
-    embeddings are then on disk), and the saved model's size in MB. Each step loads its backbone
-    once (timed on a few items); the rest is scaled from ``size`` items with made-up answers to all
-    items by their total length."""
+    """Seconds of the first SLM step and of a later one, and the saved model's size in MB.
+
+    A step loads its backbone (timed on a few items: ``load``), then embeds and trains in
+    proportion to the texts' length: the first call on ``size`` items is scaled to all items. A
+    later step may skip the load and the embedding (a head on embeddings found on disk) or not (a
+    fine-tuned tagger loads and encodes every time): its second call on the same items tells which,
+    and the cheaper reading of it is taken."""
     n = len(kind.texts(items))
     picked = sorted(int(i) for i in rng.choice(n, size=min(size, n), replace=False))
     sample = items.subset(picked)
@@ -305,11 +308,13 @@ def _probe_slm(
     for _ in range(2):
         start = time.perf_counter()
         fit = kind.train(sample, answers, slm, lambda entry: None)
-        times.append(max(time.perf_counter() - start - load, 0.0))
+        times.append(time.perf_counter() - start)
     fit.model.save(scratch / "model")
     model_mb = sum(f.stat().st_size for f in (scratch / "model").rglob("*") if f.is_file()) / 1e6
     scale = float(lengths_all.sum()) / max(float(lengths_all[picked].sum()), 1.0)
-    return load + times[0] * scale, load + times[1] * scale, model_mb
+    first = load + max(times[0] - load, 0.0) * scale
+    later = min(load + max(times[1] - load, 0.0) * scale, times[1] * scale)
+    return first, later, model_mb
 
 
 def _probe_answers(kind: Any, n: int) -> list[Any]:
