@@ -168,3 +168,37 @@ def test_json_logs_are_one_object_a_line_and_quiet_prints_no_progress(data_dir, 
 
     both = CliRunner().invoke(app, [*args[3:], "--quiet", "--json-logs"])
     assert isinstance(both.exception, FreeALError) and "choose one of --quiet" in str(both.exception)
+
+
+def test_plan_and_dry_run_print_the_stages_and_run_nothing(data_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "task": str(data_dir / "sst2"),
+                "data": {"path": str(data_dir / "sst2" / "train.jsonl"), "limit": 40},
+                "out": str(tmp_path / "run"),
+                "llm": {"model": "smollm2-135m", "cache_path": str(tmp_path / "cache.sqlite")},
+                "slm": {"backbone": "all-minilm-l6-v2", "epochs": 2, "warmup_epochs": 1, "cross_fit": 0},
+                "loop": {"refinery_rounds": 1},
+            }
+        )
+    )
+    plan = tmp_path / "plan.json"
+    done = subprocess.run(
+        [*FREEAL, "plan", str(config), "--json", str(plan), "--price-in", "1", "--price-out", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = json.loads(plan.read_text())
+    assert [s["name"] for s in found["stages"]][1:] == [
+        "round 0 (every item)", "round 0 SLM", "round 1 refinery", "round 1 SLM",
+    ]  # fmt: skip
+    assert found["stages"][1]["calls"] >= 40 and found["total"]["seconds"] > 0 and "cost" in found
+    assert "round 1 refinery" in done.stderr and "cost at the given prices" in done.stderr
+    dry = subprocess.run(
+        [*FREEAL, "run", str(config), "--dry-run"], capture_output=True, text=True, check=True
+    )
+    assert "round 0 (every item)" in dry.stderr
+    assert not (tmp_path / "run").exists() and cached_answers(tmp_path / "cache.sqlite") == 0  # nothing ran
