@@ -241,10 +241,9 @@ def train(
     )
     the_task = load_task(task)
     the_task.require_classification("`freeal train`")
-    if cfg.backbone is None:  # SLMConfig is validated: pick as the loop does
-        from freeal.kinds import kind_of
+    from freeal.kinds import kind_of
 
-        cfg = cfg.model_copy(update={"backbone": kind_of(the_task).backbone(cfg)})
+    cfg = kind_of(the_task).with_backbone(cfg)  # SLMConfig is validated: pick as the loop does
     items = read_items(
         data,
         text_col=text_col,

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
@@ -52,7 +51,7 @@ from freeal.config import run_key
 from freeal.data import read_jsonl, write_jsonl_atomic, write_text_atomic
 from freeal.errors import FreeALError
 from freeal.extras import require
-from freeal.ner import render, tag_names, tags_from_spans
+from freeal.ner import entity_rows, render, tag_agreement, tag_names, tags_from_spans
 from freeal.tasks import Task, task_from_dict
 
 #: The formats :func:`export_run` writes.
@@ -446,19 +445,16 @@ def apply_corrections(task: Task, rows: Sequence[dict], corrections: dict[str, d
             out.append({**row, "source": "freeal"})
         elif task.kind == "ner":
             tokens = row["tokens"]
-            tags = tags_from_spans(len(tokens), [(k, s, e) for k, s, e in fix["spans"]])
-            entities = [
-                {"type": k, "start": s, "end": e, "text": render(tokens[s:e])} for k, s, e in fix["spans"]
-            ]
-            agreement = float(np.mean([a == b for a, b in zip(tags, row["slm_tags"], strict=True)]))
+            spans = [(k, s, e) for k, s, e in fix["spans"]]
+            tags = tags_from_spans(len(tokens), spans)
             out.append(
                 {
                     **row,
                     "tags": tags,
-                    "entities": entities,
+                    "entities": entity_rows(tokens, spans),
                     "confidence": 1.0,
                     "clean": True,
-                    "agreement": agreement,
+                    "agreement": tag_agreement(tags, row["slm_tags"]),
                     "source": "human",
                 }
             )

@@ -132,9 +132,7 @@ class FreeAL:
         self.kind = kind_of(task)
         self.llm_config = llm or LLMConfig()
         slm = slm or SLMConfig()
-        if slm.backbone is None:  # resolved here, like initial_demos below, so the fingerprint names it
-            slm = slm.model_copy(update={"backbone": self.kind.backbone(slm)})
-        self.slm_config = slm
+        self.slm_config = self.kind.with_backbone(slm)  # like initial_demos below: the fingerprint names it
         loop = loop or LoopConfig()
         if loop.initial_demos == "auto":  # resolved here, so the run's fingerprint names the choice
             loop = loop.model_copy(update={"initial_demos": self.kind.initial_demos})

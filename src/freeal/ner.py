@@ -90,6 +90,18 @@ def tags_from_spans(n: int, spans: Sequence[Span]) -> list[str]:
     return tags
 
 
+def entity_rows(tokens: Sequence[str], spans: Sequence[Span]) -> list[dict]:
+    """A sentence's spans as ``labels.jsonl`` lists them: type, token start and end, and the text."""
+    return [{"type": k, "start": a, "end": b, "text": render(tokens[a:b])} for k, a, b in spans]
+
+
+def tag_agreement(tags: Sequence[str] | None, other: Sequence[str] | None) -> float | None:
+    """The share of tokens on which two tag lists of a sentence agree (``None`` if one is missing)."""
+    if tags is None or other is None:
+        return None
+    return sum(a == b for a, b in zip(tags, other, strict=True)) / len(tags)
+
+
 # -- the LLM's answers ----------------------------------------------------------------------------
 
 

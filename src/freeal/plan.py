@@ -201,8 +201,7 @@ def plan_run(
     to the user's cache or run folder. ``price_per_million``: (input, output) price per 1M tokens,
     for a served model; the cost then counts every token sent, as providers bill them."""
     kind = kind_of(task)
-    if slm.backbone is None:
-        slm = slm.model_copy(update={"backbone": kind.backbone(slm)})
+    slm = kind.with_backbone(slm)
     texts = kind.texts(items)
     n = len(texts)
     lengths_all = np.asarray([len(t) for t in texts], dtype=np.float64)

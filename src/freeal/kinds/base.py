@@ -80,6 +80,11 @@ class TaskKind(ABC):
         """The SLM's encoder when the settings name none: MiniLM, small enough to fine-tune on a CPU."""
         return "all-minilm-l6-v2"
 
+    def with_backbone(self, cfg: SLMConfig) -> SLMConfig:
+        """``cfg`` with its encoder named (:meth:`backbone` when it names none), so that a run's
+        fingerprint, ``freeal train`` and the plan all see the encoder the SLM will use."""
+        return cfg if cfg.backbone is not None else cfg.model_copy(update={"backbone": self.backbone(cfg)})
+
     # -- data -------------------------------------------------------------------------------------
     @abstractmethod
     def read(self, data: Any, gold: Sequence[Any] | None) -> Any:

@@ -34,7 +34,7 @@ from freeal.extras import require
 from freeal.kinds.base import Answers, Group, SLMFit, TaskKind
 from freeal.llm.cache import CachedAnnotator
 from freeal.metrics import ner_report
-from freeal.ner import Span, render, spans_from_tags, tags_from_spans
+from freeal.ner import Span, entity_rows, render, spans_from_tags, tag_agreement, tags_from_spans
 from freeal.ner_annotate import annotate_sentences, generate_ner_demonstrations
 
 
@@ -317,20 +317,12 @@ class NER(TaskKind):
             "tokens": items.tokens,
             "tags": tags,
             "entities": [
-                None
-                if s is None
-                else [{"type": k, "start": a, "end": b, "text": render(t[a:b])} for k, a, b in s]
-                for s, t in zip(spans, items.tokens, strict=True)
+                None if s is None else entity_rows(t, s) for s, t in zip(spans, items.tokens, strict=True)
             ],
             "confidence": confidence,
             "clean": [bool(p["clean"]) for p in fit_rows],
             "round_changed": [r["round_changed"] for r in rows],
             "slm_tags": slm_tags,
             "slm_confidence": [p["confidence"] for p in fit_rows],
-            "agreement": [
-                None
-                if t is None or p is None
-                else float(np.mean([a == b for a, b in zip(t, p, strict=True)]))
-                for t, p in zip(tags, slm_tags, strict=True)
-            ],
+            "agreement": [tag_agreement(t, p) for t, p in zip(tags, slm_tags, strict=True)],
         }
