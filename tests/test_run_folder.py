@@ -340,6 +340,39 @@ print(json.dumps({"calls": annotator.ledger.calls, "answers": len(answers)}))
 """
 
 
+OPEN_CACHE_CHILD = """
+import sys, time
+from freeal.llm.base import Generation
+from freeal.llm.cache import CallCache
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all children open the file together
+cache = CallCache(sys.argv[1])
+cache.put(sys.argv[3], Generation(text=sys.argv[3], prompt_tokens=1, completion_tokens=1))
+print(len(cache))
+"""
+
+
+def test_many_processes_opening_one_new_cache_at_once_all_succeed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path, start = tmp_path / "fresh.sqlite", time.time() + 3
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_CACHE_CHILD, str(path), str(start), f"k{i}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(8)
+    ]
+    results = [child.communicate(timeout=120) for child in children]
+    assert [child.returncode for child in children] == [0] * 8, [err for _, err in results]
+    from freeal.llm.cache import CallCache
+
+    assert len(CallCache(path)) == 8
+
+
 def test_two_processes_on_one_cache_never_pay_for_the_same_call(data_dir, tmp_path):
     import json
     import subprocess

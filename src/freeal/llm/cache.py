@@ -81,10 +81,17 @@ class CallCache:
         #: finds the first one's answers)
         self.asking = FileLock(f"{self.path}.lock")
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._check_schema()
+            # Switching a new file to WAL and creating its tables takes locks that SQLite's busy
+            # handler does not wait for: two processes opening one fresh cache at the same moment
+            # made one fail with "database is locked". The set-up is therefore done one process at
+            # a time; after it, WAL lets readers and one writer share the file.
+            with FileLock(f"{self.path}.setup.lock"):
+                self._db = sqlite3.connect(
+                    self.path, check_same_thread=False, isolation_level=None, timeout=60
+                )
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._check_schema()
         except sqlite3.DatabaseError as exc:
             raise FreeALError(
                 f"{self.path}: not a readable freeal LLM cache ({exc}); point cache_path elsewhere or "
