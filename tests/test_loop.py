@@ -328,3 +328,16 @@ def test_refinery_asks_no_one_when_the_slm_cannot_learn_the_llm(slice_, smollm2,
     assert feedback["kappa"] < 0.99 and "kappa" in feedback["skipped"]
     assert feedback["noisy"] == 0
     assert not any(r["asked"] for r in read_jsonl(runner.run_dir / "round-1/llm/labels.jsonl"))
+
+
+def test_each_labeled_row_keeps_its_own_raw_scores(scripted_llm, tmp_path):
+    """``log_scores`` is each text's own answer (it once held the last answer of the pass for all)."""
+    from freeal.annotate import label_groups
+    from freeal.tasks import Task
+
+    task = Task(name="s", description="Sentiment.", labels={"negative": "bad", "positive": "good"})
+    texts = ["good fun", "bad acting", "good story"]
+    llm = scripted_llm(lambda text, labels: "positive" if "good" in text else "negative")
+    annotator = CachedAnnotator(llm, CallCache(tmp_path / "c.sqlite"))
+    frame = label_groups(task, texts, annotator, [(range(3), ())], calibrate="off", progress=False)
+    assert frame["log_scores"].tolist() == [[-3.0, 0.0], [0.0, -3.0], [-3.0, 0.0]]

@@ -140,7 +140,7 @@ def label_groups(
                 "label": label,
                 "confidence": confidence,
                 "probs": dict(zip(labels, probs, strict=True)) if probs else None,
-                "log_scores": answer.scores,
+                "log_scores": found.scores,
                 "asked": True,
             }
         )
