@@ -31,6 +31,24 @@ def smollm2():
     return LlamaCppAnnotator(path, name=name, n_ctx=1024)
 
 
+class OnePerCall:
+    """A real annotator asked one prompt per call. Batched scoring computes a text in whatever batch
+    it lands in, and llama.cpp's rounding differs a little between batches; a killed run resumes in
+    other batches. Tests that compare a resumed run with an uninterrupted one label by label (on
+    SmolLM2, whose labels are near ties) use this, so that an answer depends on its prompt alone."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.identity = inner, inner.identity
+        self.supports_grammar = inner.supports_grammar
+
+    def score_many(self, prompts, labels):  # type: ignore[no-untyped-def]
+        for i, prompt in enumerate(prompts):
+            yield i, self.inner.score(prompt, labels)
+
+    def generate_many(self, prompts, **kw):  # type: ignore[no-untyped-def]
+        return self.inner.generate_many(prompts, **kw)
+
+
 class ScriptedLLM:
     """A classification annotator that loads no model: ``label(text, labels)`` picks each answer from
     the text in the prompt, ``seconds(prompt)`` is how long it works on it (one call after another),
@@ -60,6 +78,12 @@ class ScriptedLLM:
 
     def generate_many(self, prompts, **kw):  # type: ignore[no-untyped-def]
         raise AssertionError("a zero-shot classification run writes no demonstrations")
+
+
+@pytest.fixture(scope="session")
+def one_per_call() -> type[OnePerCall]:
+    """:class:`OnePerCall`, to wrap a real annotator with."""
+    return OnePerCall
 
 
 @pytest.fixture

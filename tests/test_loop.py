@@ -72,6 +72,12 @@ class Killer:
 
 
 @pytest.fixture(scope="module")
+def smollm2(smollm2, one_per_call):  # type: ignore[no-untyped-def]
+    """SmolLM2 one prompt per call: these tests compare resumed runs with the uninterrupted one."""
+    return one_per_call(smollm2)
+
+
+@pytest.fixture(scope="module")
 def slice_(data_dir):
     # SmolLM2 (135M) often writes no usable list; on this slice it does for every TREC label
     task = load_task(data_dir / "trec")
