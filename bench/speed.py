@@ -106,9 +106,11 @@ def bench_run(annotator: LlamaCppAnnotator, folder: Path, single: int) -> dict:
     out: dict = {"run": str(folder), "task": task.name, "texts": len(texts), "steps": {}}
     out["steps"]["zero-shot pass"] = timed_pass(annotator, task, texts, [(np.arange(len(texts)), [])])
     out["one text per call"] = one_per_call(annotator, task, texts[:single])
-    seen: set[str] = set()  # a round asking exactly the prompts of an earlier one is served by the cache
+    zero_key = json.dumps([list(range(len(texts))), [[]]])
     loop_tokens = 0
     for name, step in run_rounds(folder):
+        if name == "zero-shot":  # the run's own zero-shot baseline: the pass above
+            continue
         rows = read_jsonl(step / "groups.jsonl")
         groups = [
             (
@@ -117,14 +119,13 @@ def bench_run(annotator: LlamaCppAnnotator, folder: Path, single: int) -> dict:
             )
             for g in rows
         ]
-        key = json.dumps([[list(map(int, m)), d] for m, d in groups])
-        if key in seen:
-            out["steps"][name] = {"same prompts as an earlier step": True, "evaluated_tokens": 0}
+        key = json.dumps([sorted(int(i) for m, _ in groups for i in m), [d for _, d in groups]])
+        if key == zero_key:  # an initial round without demonstrations is the zero-shot pass
+            out["steps"][name] = {"same prompts as the zero-shot pass": True}
+            loop_tokens += out["steps"]["zero-shot pass"]["evaluated_tokens"]
             continue
-        seen.add(key)
         out["steps"][name] = timed_pass(annotator, task, texts, groups)
-        if name != "zero-shot":
-            loop_tokens += out["steps"][name]["evaluated_tokens"]
+        loop_tokens += out["steps"][name]["evaluated_tokens"]
     written = generated = 0
     for step in [*folder.glob("demos*/step.json"), *folder.glob("round-*/demos*/step.json")]:
         usage = json.loads(step.read_text()).get("llm_usage", {})

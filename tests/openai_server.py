@@ -14,6 +14,9 @@ the right answer. Faults are injected by ``script``, one behaviour consumed per 
 - ``"drop"``: close the connection without answering
 - ``"nolabel"``: a normal response whose answer is ``"I think maybe"`` (no label, no label logprobs)
 
+A token is ``chars_per_token`` characters; with ``honour_max_tokens`` an answer is cut after
+``max_tokens`` tokens, as a real server cuts it.
+
 It counts requests per behaviour, records every ``Authorization`` header, request body and the
 maximum number of requests in flight at once.
 """
@@ -59,6 +62,8 @@ class FakeOpenAIServer:
         latency: float = 0.0,
         retry_after: str = "0.05",
         error_message: str | None = None,
+        chars_per_token: int = 4,
+        honour_max_tokens: bool = False,
     ) -> None:
         self.labels = list(labels)
         self.policy = policy or keyword_policy(keywords or {})
@@ -68,6 +73,8 @@ class FakeOpenAIServer:
         self.latency = latency
         self.retry_after = retry_after
         self.error_message = error_message
+        self.chars_per_token = chars_per_token
+        self.honour_max_tokens = honour_max_tokens
         self.counts: Counter[str] = Counter()
         self.auth_headers: list[str | None] = []
         self.bodies: list[dict[str, Any]] = []
@@ -132,6 +139,8 @@ class FakeOpenAIServer:
             return behaviour
 
     def completion(self, body: dict[str, Any], answer: str) -> dict[str, Any]:
+        if self.honour_max_tokens:  # the answer stops after max_tokens tokens, as a real server's
+            answer = answer[: int(body.get("max_tokens") or 16) * self.chars_per_token]
         messages = body.get("messages") or []
         prompt_chars = sum(len(str(m.get("content") or "")) for m in messages)
         prompt_tokens = max(1, prompt_chars // 4)
@@ -160,13 +169,14 @@ class FakeOpenAIServer:
         }
 
     def _first_token_logprobs(self, answer: str, top_n: int) -> dict[str, Any]:
-        """Crude tokenizer: the first token is the first word's first 4 characters."""
+        """Crude tokenizer: a token is ``chars_per_token`` characters of a word."""
+        n = self.chars_per_token
         words = answer.split()
-        first = words[0][:4] if words else ""
+        first = words[0][:n] if words else ""
         top = [(first, -0.05)]
         if answer in self.labels:
             # Other labels' first tokens as unlikely alternatives, as a real model would list them.
-            top += [(" " + label[:4], -3.0 - i) for i, label in enumerate(self.labels) if label != answer]
+            top += [(" " + label[:n], -3.0 - i) for i, label in enumerate(self.labels) if label != answer]
         fillers = [
             t for t in FILLER_TOKENS if not any(lab.lower().startswith(t.lower()) for lab in self.labels)
         ]

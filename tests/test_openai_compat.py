@@ -112,7 +112,8 @@ def test_labels_with_logprobs() -> None:
         assert ans.evaluated_tokens == ans.prompt_tokens
     body = srv.bodies[0]
     assert body["logprobs"] is True and body["top_logprobs"] == 20
-    assert body["temperature"] == 0 and body["max_tokens"] == 16 and body["model"] == "test-model"
+    # the first answer token decides: 4 answer tokens are asked, not the full 16
+    assert body["temperature"] == 0 and body["max_tokens"] == 4 and body["model"] == "test-model"
     assert srv.requests == len(TEXTS)
     assert no_worker_threads()
 
@@ -127,10 +128,22 @@ def test_labels_with_logprobs_disabled() -> None:
 
 def test_server_without_logprobs_falls_back_to_parse() -> None:
     with server(logprobs=False) as srv:  # like Ollama: ignores the logprobs request
-        answers = run_all(annotator(srv.url), [t for t, _ in TEXTS])
+        answers = run_all(annotator(srv.url, max_concurrency=1), [t for t, _ in TEXTS])
     assert [a.label for a in answers] == [g for _, g in TEXTS]
     assert all(a.scores is None for a in answers)
-    assert srv.requests == len(TEXTS)
+    # the first short answer shows the server ignores logprobs: it and every later one in full
+    assert srv.requests == len(TEXTS) + 1
+    assert [b["max_tokens"] for b in srv.bodies] == [4] + [16] * len(TEXTS)
+
+
+def test_a_tie_on_the_first_token_asks_for_the_whole_answer() -> None:
+    """"Sports" and "Sci/Tech" share the first token "S": the short answer cannot tell them apart
+    when the server cuts it there, so the whole answer is asked and its text breaks the tie."""
+
+    with server(keywords={"match": "Sports"}, chars_per_token=1, honour_max_tokens=True) as srv:
+        [ans] = run_all(annotator(srv.url), ["the match"])
+    assert ans.label == "Sports" and srv.requests == 2
+    assert [b["max_tokens"] for b in srv.bodies] == [4, 16]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,12 +211,12 @@ def test_client_error_is_not_retried_and_hides_key() -> None:
 
 
 def test_non_label_answer_is_reasked_once() -> None:
-    with server(script=["nolabel"]) as srv:
+    with server(script=["nolabel", "nolabel"]) as srv:  # the short answer, then the whole one
         [ans] = run_all(annotator(srv.url), [TEXTS[0][0]])
     assert ans.label == "Sports"
     assert ans.scores is not None  # the re-ask's logprobs
-    assert srv.requests == 2
-    second = srv.bodies[1]["messages"]
+    assert srv.requests == 3
+    second = srv.bodies[2]["messages"]
     assert second[-2] == {"role": "assistant", "content": NOLABEL_ANSWER}
     assert second[-1] == {
         "role": "user",
@@ -215,11 +228,11 @@ def test_non_label_answer_is_reasked_once() -> None:
     )
 
 
-def test_never_a_label_abstains_after_exactly_two_requests() -> None:
-    with server(default="nolabel") as srv:
+def test_never_a_label_abstains_after_exactly_three_requests() -> None:
+    with server(default="nolabel") as srv:  # short answer, whole answer, "answer with one of"
         [ans] = run_all(annotator(srv.url), [TEXTS[0][0]])
     assert ans.label is None and ans.scores is None
-    assert srv.requests == 2
+    assert srv.requests == 3
     assert ans.prompt_tokens > 0
 
 

@@ -48,6 +48,9 @@ class LLMConfig(BaseModel):
     # llama.cpp
     n_threads: int | None = Field(default=None, ge=1)
     n_ctx: int = Field(default=4096, ge=256)
+    # text tokens label scoring puts in one llama.cpp batch (many texts per decode; the CPU kernels
+    # run fastest on batches of a few hundred tokens)
+    batch_tokens: int = Field(default=512, ge=32, le=4096)
     # llama.cpp's repacked weight buffers: auto = off on CPUs with AMX (they segfault there)
     extra_buffers: Literal["auto", "on", "off"] = "auto"
     # OpenAI-compatible servers

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 
 import numpy as np
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from freeal.config import Calibration
 from freeal.errors import FreeALError
@@ -206,6 +206,67 @@ def verify_demonstrations(
 # -- who sees which demonstrations ----------------------------------------------------------------
 
 
+# Up to this many items to group, exact k-means on all of them, as freeal has always done: the
+# groups, and so the prompts, cache hits and benchmark numbers, are identical to earlier runs up to
+# this size. Exact k-means with n / group_size clusters costs n² / group_size distances per
+# iteration (214 s at 50,000 texts), so larger sets are split first (:func:`_split_and_group`).
+EXACT_GROUPING_MAX = 20_000
+# Above EXACT_GROUPING_MAX, mini-batch k-means splits the items into parts of about LEAF_GROUPS
+# groups' worth of items (at most SPLIT_FANOUT parts at a time, recursively); a part of up to twice
+# that is grouped by exact k-means. A level costs n × SPLIT_FANOUT distances and the parts together
+# n × 2 LEAF_GROUPS, so the whole is O(n log n) instead of O(n²). A flat MiniBatchKMeans with
+# n / group_size clusters would not do: each of its assignment passes still costs n × n / group_size
+# distances, and its k-means++ start over 31,250 centres (a million texts) alone would take days on
+# a few cores.
+SPLIT_FANOUT = 64
+LEAF_GROUPS = 32
+SPLIT_BATCH = 4096
+
+
+def _positions_by_id(ids: np.ndarray) -> list[np.ndarray]:
+    """The positions of each distinct id, ids ascending, positions ascending within each.
+
+    The same arrays as ``[np.flatnonzero(ids == c) for c in np.unique(ids)]``, from one stable
+    sort instead of a pass over every item per id (n² / group_size comparisons for clusters).
+    """
+    order = np.argsort(ids, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(ids[order])) + 1)
+
+
+def _exact_groups(vectors: np.ndarray, group_size: int, seed: int) -> np.ndarray:
+    """Cluster ids from k-means on all ``vectors``, about ``group_size`` items per cluster."""
+    n_clusters = math.ceil(len(vectors) / group_size)
+    return KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit_predict(vectors)
+
+
+def _split_and_group(vectors: np.ndarray, group_size: int, seed: int) -> np.ndarray:
+    """Cluster ids of about ``group_size`` items each, in O(n log n) for any number of items.
+
+    Mini-batch k-means (seeded, mini-batches of SPLIT_BATCH) splits the items into coarse parts,
+    recursively, until a part is small enough for exact k-means (2 LEAF_GROUPS clusters at most):
+    a group's members are near each other whichever part they fell in, which is all a shared set of
+    demonstrations needs. Ids are unique across parts, not consecutive.
+    """
+    n = len(vectors)
+    if n <= group_size:
+        return np.zeros(n, dtype=np.int64)
+    if n <= 2 * LEAF_GROUPS * group_size:
+        return _exact_groups(vectors, group_size, seed).astype(np.int64)
+    n_parts = min(SPLIT_FANOUT, math.ceil(n / (LEAF_GROUPS * group_size)))
+    splitter = MiniBatchKMeans(n_clusters=n_parts, batch_size=SPLIT_BATCH, n_init=3, random_state=seed)
+    parts = _positions_by_id(splitter.fit_predict(vectors))
+    if len(parts) == 1:
+        # (near) identical vectors that k-means cannot tell apart: any grouping is as good
+        return np.arange(n, dtype=np.int64) // group_size
+    ids = np.empty(n, dtype=np.int64)
+    offset = 0
+    for members in parts:
+        sub = _split_and_group(vectors[members], group_size, seed)
+        ids[members] = sub + offset
+        offset += int(sub.max()) + 1
+    return ids
+
+
 def demonstration_groups(
     item_vectors: np.ndarray,
     demo_vectors: np.ndarray,
@@ -223,7 +284,10 @@ def demonstration_groups(
     ``group_size`` items per cluster) and a cluster shares the ``k`` demonstrations nearest to its
     centroid: neighbours of similar texts are mostly the same, and a shared set is a shared prompt
     prefix, so an embedded model evaluates the demonstrations once per group instead of once per
-    item (BENCHMARKS.md measures both). Demonstrations are ordered most similar last.
+    item (BENCHMARKS.md measures both). Demonstrations are ordered most similar last. Up to
+    EXACT_GROUPING_MAX items the clusters come from one k-means over all items, as they always
+    have; above it from a hierarchical split whose cost grows as n log n (:func:`_split_and_group`).
+    Groups come in ascending cluster id, a group's items in ascending position.
     """
     n = len(item_vectors)
     if n == 0:
@@ -232,12 +296,12 @@ def demonstration_groups(
         return [(np.arange(n), [])]
     if group_size is None or n <= group_size:
         clusters = np.arange(n) if group_size is None else np.zeros(n, dtype=np.int64)
+    elif n <= EXACT_GROUPING_MAX:
+        clusters = _exact_groups(item_vectors, group_size, seed)
     else:
-        n_clusters = math.ceil(n / group_size)
-        clusters = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit_predict(item_vectors)
+        clusters = _split_and_group(item_vectors, group_size, seed)
     groups = []
-    for c in np.unique(clusters):
-        members = np.flatnonzero(clusters == c)
+    for members in _positions_by_id(clusters):
         centre = item_vectors[members].mean(axis=0, keepdims=True)
         centre /= max(float(np.linalg.norm(centre)), 1e-12)
         nearest = nearest_demonstrations(centre, demo_vectors, demo_labels, k=k, balanced=balanced)[0]

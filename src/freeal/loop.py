@@ -55,6 +55,7 @@ _LOCK = ".lock"
 #: LLM settings that change no answer and no label, left out of a run's fingerprint.
 _LLM_NOT_FINGERPRINTED = {
     "n_threads",
+    "batch_tokens",
     "cache_path",
     "max_concurrency",
     "timeout",

@@ -60,7 +60,12 @@ def make_annotator(cfg: LLMConfig) -> CachedAnnotator:
 
         path, name = resolve_model(cfg.model)
         inner: Annotator = LlamaCppAnnotator(
-            path, n_threads=cfg.n_threads, n_ctx=cfg.n_ctx, name=name, extra_buffers=cfg.extra_buffers
+            path,
+            n_threads=cfg.n_threads,
+            n_ctx=cfg.n_ctx,
+            batch_tokens=cfg.batch_tokens,
+            name=name,
+            extra_buffers=cfg.extra_buffers,
         )
     else:
         inner = _openai_annotator(cfg)

@@ -267,8 +267,10 @@ class SharedPrefixScorer:
             for i in run:
                 members = [*chunk, i]
                 prefix = min(_shared_prefix(prompts, members), min(len(prompts[j]) for j in members) - 1)
-                tails = sum(len(prompts[j]) - prefix + extra for j in members)
-                if chunk and (tails > self.batch_tokens or len(members) * branches > self.n_seq):
+                # every tail as long as the longest (see _decode_chunk), and the label rows likewise
+                tails = len(members) * max(len(prompts[j]) - prefix for j in members)
+                rows = len(members) * branches * extra
+                if chunk and (max(tails, rows) > self.batch_tokens or len(members) * branches > self.n_seq):
                     yield from self._decode(prompts, chunk, targets)
                     chunk = [i]
                 else:
@@ -307,35 +309,63 @@ class SharedPrefixScorer:
     def _decode_chunk(
         self, prompts: Sequence[list[int]], chunk: list[int], targets: Sequence[list[int]]
     ) -> list[tuple[int, list[float], int]]:
-        prefix = min(_shared_prefix(prompts, chunk), min(len(prompts[i]) for i in chunk) - 1)
+        # Every llama_decode step reads all the weights once, whatever its size, and llama.cpp cuts a
+        # batch over split sequences into steps that take as many tokens from each sequence: tails
+        # of unequal length cost one more step per distinct length. So every tail is made as long as
+        # the longest, a shorter prompt taking back the last few tokens of its copy of the prefix,
+        # and every member's label rows as long as the longest label's, each taking back a few
+        # prompt tokens: one step for the tails and one for the labels.
+        chunk = sorted(chunk, key=lambda i: -len(prompts[i]))  # sequence 0 gets a whole prefix
+        if len(chunk) == 1:  # no prefix to share: keep what the cache holds, decode the rest at once
+            prefix = min(len(prompts[chunk[0]]) - 1, _common(self.held, prompts[chunk[0]]))
+        else:
+            prefix = min(_shared_prefix(prompts, chunk), len(prompts[chunk[-1]]) - 1)
         multi = [t for t in targets if len(t) > 1]
         branches = max(1, len(multi))
         new_prefix = self._hold(prompts[chunk[0]][:prefix], len(chunk) * branches)
+        longest = len(prompts[chunk[0]]) - prefix
+        rows = max((len(t) - 1 for t in multi), default=0)
         tails: list[tuple[int, int, int, bool]] = []  # token, position, sequence, logits
         labels: list[tuple[int, int, int, bool]] = []
         ends: list[int] = []  # per member: its tail's last entry
-        starts: list[list[int]] = []  # per member: each multi-token label's first entry
+        starts: list[list[int]] = []  # per member: the entry of each multi-token label's first token
+        evaluated: list[int] = []
+        retaken: set[int] = set()  # sequences whose copy of the prefix was partly evaluated again
         for r, i in enumerate(chunk):
             own, length = r * branches, len(prompts[i])
-            tail = prompts[i][prefix:]
-            tails += [(t, prefix + k, own, k == len(tail) - 1) for k, t in enumerate(tail)]
+            begin = max(0, length - longest)
+            if begin < prefix:
+                llama_cpp.llama_memory_seq_rm(self.memory, own, begin, -1)
+                retaken.add(own)
+            tail = prompts[i][begin:]
+            tails += [(t, begin + k, own, k == len(tail) - 1) for k, t in enumerate(tail)]
             ends.append(len(tails) - 1)
             starts.append([])
+            spent = len(tail)
             for j, target in enumerate(multi):
-                starts[-1].append(len(labels))
-                labels += [(t, length + k, own + j, True) for k, t in enumerate(target[:-1])]
+                back = rows - (len(target) - 1)  # prompt tokens taken back to make the rows equal
+                row = prompts[i][length - back :] + target[:-1]
+                starts[-1].append(len(labels) + back)
+                labels += [(t, length - back + k, own + j, k >= back) for k, t in enumerate(row)]
+                spent += len(row)
+            evaluated.append(spent)
         self._run(tails)
         lead = {r: self._logprobs(end) for r, end in enumerate(ends)}
         later: dict[int, np.ndarray] = {}
         if labels:
             # Label tokens go in a batch of their own, each multi-token label of a member in a copy
-            # of the member's sequence. Kept out of the tails' batch, a label token's logits do not
-            # depend on how llama.cpp splits the neighbours' tails into steps.
-            for r in range(len(chunk)):
-                for j in range(1, len(multi)):
-                    llama_cpp.llama_memory_seq_cp(self.memory, r * branches, r * branches + j, -1, -1)
+            # of the member's sequence, its rows cut back to where they start.
+            for r, i in enumerate(chunk):
+                length = len(prompts[i])
+                for j, target in enumerate(multi):
+                    seq = r * branches + j
+                    if j:
+                        llama_cpp.llama_memory_seq_cp(self.memory, r * branches, seq, -1, -1)
+                    back = rows - (len(target) - 1)
+                    if back:
+                        llama_cpp.llama_memory_seq_rm(self.memory, seq, length - back, -1)
             self._run(labels)
-            later = {n: self._logprobs(n) for n in range(len(labels))}
+            later = {n: self._logprobs(n) for n, entry in enumerate(labels) if entry[3]}
         answers = []
         for r, i in enumerate(chunk):
             scores: list[float] = []
@@ -348,10 +378,17 @@ class SharedPrefixScorer:
                     )
                     m += 1
                 scores.append(total)
-            evaluated = len(prompts[i]) - prefix + sum(len(t) - 1 for t in multi)
-            answers.append((i, scores, evaluated + (new_prefix if r == 0 else 0)))
+            answers.append((i, scores, evaluated[r] + (new_prefix if r == 0 else 0)))
+        if len(chunk) == 1:  # keep the whole prompt: the next one may share more than the prefix
+            whole = prompts[chunk[0]]
+            llama_cpp.llama_memory_seq_rm(self.memory, 0, len(whole), -1)
+            for seq in range(1, branches):
+                llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            self.held, self.synced = list(whole), {0}
+            return answers
         for seq in range(len(chunk) * branches):  # drop the tails, keep the prefix
             llama_cpp.llama_memory_seq_rm(self.memory, seq, prefix, -1)
+        self.synced -= retaken - {0}  # their prefix cells were evaluated again: copy afresh next time
         return answers
 
     def _hold(self, shared: list[int], n_seq: int) -> int:

@@ -156,6 +156,19 @@ def interpret(
     return label, scores
 
 
+def decided_by_first_token(
+    answer: str, candidates: Sequence[tuple[str, float]] | None, labels: Sequence[str]
+) -> bool:
+    """Whether the first answer token's alternatives name one best label, so that the rest of the
+    answer is not needed (a tie between labels that share the token needs the text to break it)."""
+    scores = label_scores_from_top(candidates, labels) if candidates else None
+    if scores is None:
+        return False
+    best = max(scores)
+    tied = [labels[i] for i, s in enumerate(scores) if s == best]
+    return len(tied) == 1 or parse_label(answer, labels) in tied
+
+
 def reask_message(labels: Sequence[str]) -> Message:
     return {"role": "user", "content": "Answer with exactly one of: " + ", ".join(labels) + "."}
 
@@ -319,8 +332,12 @@ class OpenAICompatAnnotator:
     selection, so every answer must be one of the task's labels or an explicit abstention, never
     free text that a later step would have to guess at. Hence:
 
-    1. The model is asked greedily (``temperature=0``, a few ``max_tokens``) with ``logprobs`` and
-       ``top_logprobs=20``. When the server returns them, each label is scored by the best
+    1. The model is asked greedily (``temperature=0``) with ``logprobs`` and ``top_logprobs=20``,
+       for ``score_tokens`` (4) answer tokens only: a server writes an answer token by token, and
+       the label is read from the first one. Only when those do not decide (no logprobs, no label
+       among the first token's alternatives, or a tie the text must break) is the whole answer
+       asked (``max_tokens``, 16); a server that ignores ``logprobs`` gets whole questions from
+       then on. When the server returns logprobs, each label is scored by the best
        log-probability among the first answer token's alternatives whose text (stripped,
        case-insensitive) is a prefix of the label; labels absent from the list get
        ``min(listed) - 5`` (:data:`FLOOR_MARGIN`). The label is the argmax, i.e. the model's
@@ -360,6 +377,7 @@ class OpenAICompatAnnotator:
         backoff_max: float = 30.0,
         temperature: float = 0.0,
         max_tokens: int = 16,
+        score_tokens: int = 4,
         use_logprobs: bool = True,
         top_logprobs: int = 20,
         allow_plain_http: bool = False,
@@ -394,6 +412,7 @@ class OpenAICompatAnnotator:
         for name, value, low in (
             ("max_concurrency", max_concurrency, 1),
             ("max_tokens", max_tokens, 1),
+            ("score_tokens", score_tokens, 1),
             ("top_logprobs", top_logprobs, 1),
             ("max_retries", max_retries, 0),
         ):
@@ -422,7 +441,10 @@ class OpenAICompatAnnotator:
         self.backoff_max = float(backoff_max)
         self.temperature = float(temperature)
         self.max_tokens = max_tokens
+        self.score_tokens = min(score_tokens, max_tokens)
         self.use_logprobs = use_logprobs
+        # set once a server answers without logprobs: from then on every answer is asked in full
+        self.logprobs_ignored = False
         self.top_logprobs = top_logprobs
         self.allow_plain_http = allow_plain_http
         self._endpoints = [
@@ -443,6 +465,8 @@ class OpenAICompatAnnotator:
         mode = (
             f"logprobs{top_logprobs}-prefix+parse" if use_logprobs else "parse"
         ) + f",t={self.temperature:g},max_tokens={max_tokens}"
+        if use_logprobs and self.score_tokens < max_tokens:
+            mode += f",score_tokens={self.score_tokens}"
         urls = ",".join(sorted({_clean_url(ep.base_url) for ep in self._endpoints}))
         self.identity = f"openai:{model}@{urls}:{mode}"
         self.supports_grammar = False
@@ -562,12 +586,12 @@ class OpenAICompatAnnotator:
         delay = min(self.backoff_max, self.backoff_base * (2.0**attempt))
         return delay * (0.5 + 0.5 * random.random())
 
-    def _request_body(self, messages: Sequence[Message]) -> dict[str, Any]:
+    def _request_body(self, messages: Sequence[Message], max_tokens: int) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": list(messages),
             "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
+            "max_tokens": max_tokens,
             "n": 1,
             "stream": False,
         }
@@ -607,9 +631,20 @@ class _Run:
 
     def answer(self, messages: list[Message]) -> LabelScores | Generation:
         usage = _Usage()
-        first = self._complete(messages, usage)
+        owner = self.owner
+        short = (
+            not self.sampling
+            and owner.use_logprobs
+            and not owner.logprobs_ignored
+            and owner.score_tokens < owner.max_tokens
+        )
+        first = self._complete(messages, usage, owner.score_tokens if short else None)
         if self.sampling:
             return Generation(first.text, usage.prompt_tokens, usage.completion_tokens)
+        if short and not decided_by_first_token(first.text, first.candidates, self.labels):
+            # the few tokens asked did not decide: the whole answer, once
+            owner.logprobs_ignored |= first.candidates is None
+            first = self._complete(messages, usage)
         label, scores = interpret(first.text, first.candidates, self.labels)
         if label is None:
             followup: list[Message] = [
@@ -639,12 +674,12 @@ class _Run:
             best.active += 1
         return best
 
-    def _complete(self, messages: list[Message], usage: _Usage) -> _Completion:
+    def _complete(self, messages: list[Message], usage: _Usage, max_tokens: int | None = None) -> _Completion:
         """One chat completion, retried (tenacity) on 429, 5xx, timeouts, connection errors and
         unreadable bodies with exponential backoff and jitter, at least as long as ``Retry-After``
         asks; adds the server's token usage to ``usage``."""
         owner = self.owner
-        body = owner._request_body(messages)
+        body = owner._request_body(messages, max_tokens or owner.max_tokens)
         if self.sampling:
             body.update(self.sampling)
             body.pop("logprobs", None)

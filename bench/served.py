@@ -1,0 +1,126 @@
+"""A served model against the embedded one: the same GGUF, the same texts, the same machine.
+
+Starts ``freeal serve MODEL`` (llama-cpp-python's OpenAI-compatible server) on loopback, labels the
+texts through it twice — asking the whole answer (``score_tokens`` = ``max_tokens`` = 16, how freeal
+asked before) and asking only the few tokens scoring needs (``score_tokens`` 4, the default) —
+then with the embedded backend (batched label scoring), each through a fresh cache, one after
+another so that nothing shares the cores. Reports seconds per text, answer tokens per text, and
+how far the labels and probabilities agree with the embedded ones.
+
+    python bench/served.py --model qwen2.5-coder-1.5b --data ../shared/data/sst2 --n 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from freeal.annotate import annotate
+from freeal.data import read_items
+from freeal.llm.cache import CachedAnnotator, CallCache
+from freeal.llm.llamacpp import LlamaCppAnnotator
+from freeal.llm.models import resolve_model
+from freeal.llm.openai_compat import OpenAICompatAnnotator
+from freeal.tasks import load_task
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def start_server(model: str, port: int, threads: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "freeal", "serve", model, "--port", str(port), "--n-ctx", "2048"]
+    command += ["--threads", str(threads)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"freeal serve exited: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise SystemExit("freeal serve did not answer in time")
+
+
+def timed(task, items, inner) -> dict:  # type: ignore[no-untyped-def]
+    with tempfile.TemporaryDirectory() as tmp:
+        annotator = CachedAnnotator(inner, CallCache(Path(tmp) / "c.sqlite"))
+        start = time.perf_counter()
+        frame = annotate(task, items, annotator, progress=False)
+        seconds = time.perf_counter() - start
+    led = annotator.ledger
+    right = np.mean([a == g for a, g in zip(frame["label"], items.gold, strict=True)])
+    return {
+        "seconds_per_text": round(seconds / len(items), 4),
+        "requests": led.calls,
+        "answer_tokens_per_text": round(led.completion_tokens / len(items), 2),
+        "accuracy": round(float(right), 4),
+        "_labels": frame["label"].tolist(),
+        "_probs": [[p[k] for k in task.label_names] if p else None for p in frame["probs"]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/sst2"))
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    task = load_task(args.data)
+    items = read_items(args.data / "test.jsonl", task=task, limit=args.n, seed=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_server(args.model, port, args.threads)
+    runs: dict[str, dict] = {}
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        for name, tokens in (("served, whole answer (16 tokens)", 16), ("served, 4 answer tokens", 4)):
+            inner = OpenAICompatAnnotator(args.model, url, max_concurrency=1, score_tokens=tokens)
+            runs[name] = timed(task, items, inner)
+            print(name, {k: v for k, v in runs[name].items() if not k.startswith("_")}, flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    path, name = resolve_model(args.model)
+    runs["embedded, batched"] = timed(task, items, LlamaCppAnnotator(path, name=name, n_threads=args.threads))
+    print("embedded", {k: v for k, v in runs["embedded, batched"].items() if not k.startswith("_")})
+    base = runs["embedded, batched"]
+    for run in runs.values():
+        run["labels_equal_to_embedded"] = sum(
+            a == b for a, b in zip(run["_labels"], base["_labels"], strict=True)
+        )
+        gaps = [
+            abs(x - y)
+            for p, q in zip(run["_probs"], base["_probs"], strict=True)
+            if p and q
+            for x, y in zip(p, q, strict=True)
+        ]
+        run["max_probability_gap_to_embedded"] = round(max(gaps), 6) if gaps else None
+    out = {
+        "model": args.model,
+        "data": f"{args.data.name} test, {args.n} random texts (seed 0)",
+        "threads": args.threads,
+        "runs": {k: {f: v for f, v in r.items() if not f.startswith("_")} for k, r in runs.items()},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    target = RESULTS / f"served_{args.data.name}_{args.n}.json"
+    target.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
