@@ -247,6 +247,33 @@ def test_concurrency_bound() -> None:
     assert srv.max_in_flight == 3
 
 
+def test_a_pool_of_servers_spreads_work_by_speed_and_survives_one_killed() -> None:
+    """Three servers of different speeds; the middle one dies a third of the way through. Every
+    text is answered once, right; the dead server's requests go to the others; the faster of the
+    two live ones takes more of the work."""
+    texts = [TEXTS[i % 4][0] for i in range(90)]
+    with server(latency=0.01) as fast, server(latency=0.03) as doomed, server(latency=0.08) as slow:
+        ann = OpenAICompatAnnotator(
+            "test-model",
+            endpoints=[(fast.url, KEY_ENV), (doomed.url, KEY_ENV), (slow.url, KEY_ENV)],
+            max_concurrency=2,
+            backoff_base=0.05,
+            backoff_max=2.0,
+            timeout=2.0,
+        )
+        answers: dict[int, LabelScores] = {}
+        for index, answer in ann.score_many([prompt(t) for t in texts], LABELS):
+            answers[index] = answer
+            if len(answers) == 30:
+                doomed.stop()  # killed: its port refuses connections from now on
+                at_kill = doomed.requests
+    assert sorted(answers) == list(range(90))
+    assert [answers[i].label for i in range(90)] == [TEXTS[i % 4][1] for i in range(90)]
+    assert doomed.requests == at_kill  # (a stopped server counts no more requests)
+    assert fast.requests + doomed.requests + slow.requests == 90  # no text paid for twice
+    assert fast.requests > slow.requests
+
+
 def test_two_endpoints_both_used_with_their_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FREEAL_KEY_A", "key-a")
     monkeypatch.setenv("FREEAL_KEY_B", "key-b")

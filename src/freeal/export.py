@@ -51,7 +51,8 @@ from freeal.config import run_key
 from freeal.data import read_jsonl, write_jsonl_atomic, write_text_atomic
 from freeal.errors import FreeALError
 from freeal.extras import require
-from freeal.ner import entity_rows, render, tag_agreement, tag_names, tags_from_spans
+from freeal.kinds import kind_of
+from freeal.ner import render, tag_names
 from freeal.tasks import Task, task_from_dict
 
 #: The formats :func:`export_run` writes.
@@ -433,33 +434,19 @@ def read_corrections(run_dir: str | Path) -> dict[str, dict]:
 
 
 def apply_corrections(task: Task, rows: Sequence[dict], corrections: dict[str, dict]) -> list[dict]:
-    """Final label rows (``labels.jsonl``) with a person's answer where there is one: that answer,
-    confidence 1 (classification), clean, ``source: human``; every other row ``source: freeal``.
-    Without corrections the rows are returned as they are (no ``source`` column)."""
+    """Final label rows (``labels.jsonl``) with a person's answer where there is one (the task
+    kind's :meth:`~freeal.kinds.base.TaskKind.corrected` row, ``source: human``); every other row
+    ``source: freeal``. Without corrections the rows are returned as they are (no ``source`` column)."""
     if not corrections:
         return list(rows)
+    kind = kind_of(task)
     out = []
     for row in rows:
         fix = corrections.get(row["id"])
         if fix is None:
             out.append({**row, "source": "freeal"})
-        elif task.kind == "ner":
-            tokens = row["tokens"]
-            spans = [(k, s, e) for k, s, e in fix["spans"]]
-            tags = tags_from_spans(len(tokens), spans)
-            out.append(
-                {
-                    **row,
-                    "tags": tags,
-                    "entities": entity_rows(tokens, spans),
-                    "confidence": 1.0,
-                    "clean": True,
-                    "agreement": tag_agreement(tags, row["slm_tags"]),
-                    "source": "human",
-                }
-            )
         else:
-            out.append({**row, "label": fix["label"], "confidence": 1.0, "clean": True, "source": "human"})
+            out.append({**kind.corrected(row, fix), "source": "human"})
     return out
 
 

@@ -143,6 +143,7 @@ class FreeAL:
         self._embedder = embedder
         self.progress = progress
         self.say = say or log.info
+        self.fixed: dict[int, Any] = {}  # a person's answers by item position, read when fit starts
 
     # -- entry point ------------------------------------------------------------------------------
     def fit(self, data: Any, gold: Sequence[Any] | None = None, *, test: Any = None) -> pd.DataFrame:
@@ -177,6 +178,8 @@ class FreeAL:
             ) from None
         try:
             self._claim(spec)
+            # read once: only ``freeal import`` changes them, and it needs the lock this run holds
+            self.fixed = self._read_corrections()
             self.vectors = self.embedder.encode(texts)
             return self._run()
         finally:
@@ -276,13 +279,13 @@ class FreeAL:
         return read_jsonl(self._path(name) / "labels.jsonl")
 
     def _answers(self, name: str) -> list[Any]:
-        """A round's answers, a person's (:meth:`_corrections`) in place of the LLM's."""
+        """A round's answers, a person's (``fixed``, :meth:`_read_corrections`) in place of the LLM's."""
         answers = [r[self.kind.answer_key] for r in self._rows(name)]
-        for i, answer in self._corrections().items():
+        for i, answer in self.fixed.items():
             answers[i] = answer
         return answers
 
-    def _corrections(self) -> dict[int, Any]:
+    def _read_corrections(self) -> dict[int, Any]:
         """Answers people gave (``freeal import``), by item position. They are fixed for every
         step that runs after the import: never asked again, learnt by the SLM as they are, clean in
         the feedback, and the final label."""
@@ -291,7 +294,7 @@ class FreeAL:
 
     def _not_fixed(self, positions: np.ndarray) -> np.ndarray:
         """``positions`` less the items a person labelled, whose answers are never asked again."""
-        fixed = np.fromiter(self._corrections(), dtype=np.int64)
+        fixed = np.fromiter(self.fixed, dtype=np.int64)
         return positions[~np.isin(positions, fixed)]
 
     # -- scoring (gold only) ----------------------------------------------------------------------
@@ -483,7 +486,7 @@ class FreeAL:
         # refinery asks what the loss split calls noisy (the paper) or where the SLM disagrees;
         # feedback() adds the unanswered items and leaves out the pool's members either way. A
         # person's answer is clean and never doubted.
-        fixed = self._corrections()
+        fixed = self.fixed
         agree = [p["agree"] or i in fixed for i, p in enumerate(fit)]
         doubted = [
             i not in fixed and not (p["agree"] if cfg.refine == "disagree" else p["clean"])

@@ -172,6 +172,11 @@ class TaskKind(ABC):
         rows = rounds[-1][0]
         return [r[self.answer_key] for r in rows], [r.get("confidence") for r in rows]
 
+    @abstractmethod
+    def corrected(self, row: dict, fix: dict) -> dict:
+        """A final ``labels.jsonl`` row with a person's answer ``fix`` (as :mod:`freeal.export`
+        reads it) in place of freeal's: that answer, confidence 1, clean."""
+
     # -- scoring (gold only) -----------------------------------------------------------------------
     @abstractmethod
     def score(self, gold: Sequence[Any], answers: Sequence[Any]) -> dict:

@@ -105,6 +105,9 @@ class Classification(TaskKind):
     def demonstration(self, items: Items, i: int, answer: Any) -> dict:
         return {"text": items.texts[i], "label": answer}
 
+    def corrected(self, row: dict, fix: dict) -> dict:
+        return {**row, "label": fix["label"], "confidence": 1.0, "clean": True}
+
     def signature(self, answer: Any) -> str | None:
         return answer
 

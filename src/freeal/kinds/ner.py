@@ -118,6 +118,19 @@ class NER(TaskKind):
     def demonstration(self, items: Sentences, i: int, answer: Any) -> dict:
         return {"tokens": items.tokens[i], "spans": answer}
 
+    def corrected(self, row: dict, fix: dict) -> dict:
+        tokens = row["tokens"]
+        spans = [(k, start, end) for k, start, end in fix["spans"]]
+        tags = tags_from_spans(len(tokens), spans)
+        return {
+            **row,
+            "tags": tags,
+            "entities": entity_rows(tokens, spans),
+            "confidence": 1.0,
+            "clean": True,
+            "agreement": tag_agreement(tags, row["slm_tags"]),
+        }
+
     def signature(self, answer: Any) -> str | None:
         if answer is None:
             return None

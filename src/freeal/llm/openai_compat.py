@@ -228,6 +228,15 @@ class _Endpoint:
     requests: _TokenBucket | None = None
     tokens: _TokenBucket | None = None
     cooldown_until: float = 0.0  # time.monotonic() before which no request is sent (after a 429)
+    failures: int = 0  # failed requests in a row (no answer, or 5xx): how long it stays benched
+
+    def failed(self, base: float, most: float) -> None:
+        """Bench the endpoint for ``base``·2^(failures in a row), at most ``most`` seconds: the
+        retried request, and the next ones, go to the others meanwhile (a server that died is asked
+        again now and then, and takes work once it answers)."""
+        self.failures += 1
+        bench = min(most, base * 2.0 ** (self.failures - 1))
+        self.cooldown_until = max(self.cooldown_until, time.monotonic() + bench)
 
 
 @dataclass
@@ -353,8 +362,11 @@ class OpenAICompatAnnotator:
     Transport: several ``endpoints`` (server, key env var) can be used in parallel, each with its
     own ``max_concurrency`` bound and ``requests_per_minute`` / ``tokens_per_minute`` token buckets
     (tokens estimated as characters/4 until the server's ``usage`` gives the real ratio). Each
-    request goes to the least busy endpoint (round-robin among equals). 429, 5xx, timeouts,
-    connection errors and unparseable bodies are retried up to ``max_retries`` times with
+    request goes to the least busy endpoint (round-robin among equals), so a faster server, which
+    frees its slots sooner, takes more of the work. An endpoint that fails (no answer, a timeout,
+    5xx) is benched for ``backoff_base``·2^(failures in a row) seconds, at most ``backoff_max``:
+    its request is retried on the others, and it is tried again once the bench time is over.
+    429, 5xx, timeouts, connection errors and unparseable bodies are retried up to ``max_retries`` times with
     exponential backoff and jitter from ``backoff_base`` seconds (capped at ``backoff_max``),
     honouring ``Retry-After``; other 4xx raise :class:`FreeALError` with the status and the
     server's message. API keys are read from the named environment variables at the start of each
@@ -740,13 +752,19 @@ class _Run:
             try:
                 response = endpoint.client.post(ep.base_url + "/chat/completions", json=body, headers=headers)
             except httpx.TimeoutException as exc:
+                ep.failed(owner.backoff_base, owner.backoff_max)
                 raise _RetryableError(f"{shown}: request timed out after {owner.timeout:g}s") from exc
             except (httpx.RequestError, RuntimeError) as exc:  # RuntimeError: the client was closed
                 if self.stopped:
                     raise _Stopped from exc
+                ep.failed(owner.backoff_base, owner.backoff_max)
                 raise _RetryableError(f"{shown}: connection failed ({type(exc).__name__})") from exc
 
         status = response.status_code
+        if status >= 500:
+            ep.failed(owner.backoff_base, owner.backoff_max)
+        else:
+            ep.failures = 0
         if status == 429 or status >= 500:
             retry_after = _parse_retry_after(response.headers)
             if status == 429 and retry_after is not None:
