@@ -81,6 +81,7 @@ def test_a_text_scores_the_same_whatever_else_is_in_its_batch(smollm2, data_dir,
             seen.add(token)
             prompts.append(prompt)
     assert len(prompts) >= 9
+
     def scores(batch: list) -> list[list[float]]:
         found = dict(smollm2.score_many(batch, task.label_names))  # answers come in any order
         return [found[i].scores for i in range(len(batch))]

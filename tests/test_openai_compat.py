@@ -137,7 +137,7 @@ def test_server_without_logprobs_falls_back_to_parse() -> None:
 
 
 def test_a_tie_on_the_first_token_asks_for_the_whole_answer() -> None:
-    """"Sports" and "Sci/Tech" share the first token "S": the short answer cannot tell them apart
+    """ "Sports" and "Sci/Tech" share the first token "S": the short answer cannot tell them apart
     when the server cuts it there, so the whole answer is asked and its text breaks the tie."""
 
     with server(keywords={"match": "Sports"}, chars_per_token=1, honour_max_tokens=True) as srv:
