@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,16 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from freeal.llm.native import cpu_name
+
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("demonstration_groups", "medoid_pool")
 DIM = 384
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def unit_vectors(n: int, seed: int) -> np.ndarray:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -30,17 +29,10 @@ from freeal.data import read_jsonl
 from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.llm.llamacpp import LlamaCppAnnotator
 from freeal.llm.models import resolve_model
-from freeal.llm.native import build_info
+from freeal.llm.native import build_info, cpu_name
 from freeal.tasks import task_from_dict
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def ceiling(annotator: LlamaCppAnnotator, batch: int, repeats: int = 3) -> float:

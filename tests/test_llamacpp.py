@@ -9,7 +9,7 @@ from freeal.annotate import annotate
 from freeal.data import read_items
 from freeal.errors import FreeALError
 from freeal.llm.cache import CachedAnnotator, CallCache
-from freeal.llm.llamacpp import LlamaCppAnnotator, _common
+from freeal.llm.llamacpp import LlamaCppAnnotator, common_prefix
 from freeal.llm.prompts import CONTENT_FREE_INPUTS, classification_prompt
 from freeal.metrics import classification_report
 from freeal.tasks import Task, load_task
@@ -73,7 +73,7 @@ def test_a_text_scores_the_same_whatever_else_is_in_its_batch(smollm2, data_dir,
     task, candidates = real_prompts(data_dir, name, 200, seed=8)
     # texts that start with different tokens, so that every batch shares just the instructions (a
     # batch's shared prefix, and with it llama.cpp's kernels for the rest, depends on its texts)
-    start = _common(smollm2.render(candidates[0]), smollm2.render(candidates[1]))
+    start = common_prefix(smollm2.render(candidates[0]), smollm2.render(candidates[1]))
     prompts, seen = [], set()
     for prompt in candidates:
         token = smollm2.render(prompt)[start]

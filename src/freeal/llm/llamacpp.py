@@ -157,10 +157,7 @@ class LlamaCppAnnotator:
             )
             # llama.cpp keeps the longest prefix it already holds: count only what it must evaluate
             prompt = self.render(messages)
-            held = np.asarray(self.llm.input_ids[: self.llm.n_tokens])
-            limit = min(len(held), len(prompt) - 1)
-            same = held[:limit] == np.asarray(prompt[:limit])
-            kept = int(limit if same.all() else np.argmin(same))
+            kept = min(common_prefix(self.llm.input_ids[: self.llm.n_tokens], prompt), len(prompt) - 1)
             out = self.llm.create_chat_completion(
                 messages=list(messages),  # type: ignore[arg-type]
                 max_tokens=max_tokens,
@@ -284,7 +281,7 @@ class SharedPrefixScorer:
         shared = 0
         for i, tokens in enumerate(prompts):
             if runs:
-                now = min(shared, _common(prompts[runs[-1][0]], tokens))
+                now = min(shared, common_prefix(prompts[runs[-1][0]], tokens))
                 if len(runs[-1]) == 1 or shared - now <= self.PREFIX_SLACK:
                     runs[-1].append(i)
                     shared = now
@@ -317,7 +314,7 @@ class SharedPrefixScorer:
         # prompt tokens: one step for the tails and one for the labels.
         chunk = sorted(chunk, key=lambda i: -len(prompts[i]))  # sequence 0 gets a whole prefix
         if len(chunk) == 1:  # no prefix to share: keep what the cache holds, decode the rest at once
-            prefix = min(len(prompts[chunk[0]]) - 1, _common(self.held, prompts[chunk[0]]))
+            prefix = min(len(prompts[chunk[0]]) - 1, common_prefix(self.held, prompts[chunk[0]]))
         else:
             prefix = min(_shared_prefix(prompts, chunk), len(prompts[chunk[-1]]) - 1)
         multi = [t for t in targets if len(t) > 1]
@@ -393,7 +390,7 @@ class SharedPrefixScorer:
 
     def _hold(self, shared: list[int], n_seq: int) -> int:
         """Make sequences ``0..n_seq-1`` hold exactly ``shared``; how many tokens that evaluated."""
-        keep = _common(self.held, shared)
+        keep = common_prefix(self.held, shared)
         if keep < len(self.held) or keep < len(shared):
             llama_cpp.llama_memory_seq_rm(self.memory, 0, keep, -1)
             for start in range(keep, len(shared), self.batch_tokens):
@@ -430,10 +427,10 @@ class SharedPrefixScorer:
 def _shared_prefix(prompts: Sequence[list[int]], members: Sequence[int]) -> int:
     """The length of the prefix all ``members`` share."""
     first = prompts[members[0]]
-    return min((_common(first, prompts[j]) for j in members[1:]), default=len(first))
+    return min((common_prefix(first, prompts[j]) for j in members[1:]), default=len(first))
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """The length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
     if n == 0:

@@ -141,19 +141,27 @@ def label_scores_from_top(
     return [floor if s is None else s for s in scores]
 
 
+def _ranked(
+    answer: str, candidates: Sequence[tuple[str, float]] | None, labels: Sequence[str]
+) -> tuple[str | None, list[float] | None, list[str]]:
+    """The parsed text answer, the first token's label scores, and the labels tied at the top."""
+    parsed = parse_label(answer, labels)
+    scores = label_scores_from_top(candidates, labels) if candidates else None
+    if scores is None:
+        return parsed, None, []
+    best = max(scores)
+    return parsed, scores, [labels[i] for i, s in enumerate(scores) if s == best]
+
+
 def interpret(
     answer: str, candidates: Sequence[tuple[str, float]] | None, labels: Sequence[str]
 ) -> tuple[str | None, list[float] | None]:
     """Label and scores for one server answer (see :class:`OpenAICompatAnnotator`)."""
-    parsed = parse_label(answer, labels)
-    scores = label_scores_from_top(candidates, labels) if candidates else None
+    parsed, scores, tied = _ranked(answer, candidates, labels)
     if scores is None:
         return parsed, None
-    best = max(scores)
-    tied = [labels[i] for i, s in enumerate(scores) if s == best]
     # Several labels can share a first token ("S" for "Sports"/"Sci/Tech"): the text breaks the tie.
-    label = parsed if parsed in tied else tied[0]
-    return label, scores
+    return (parsed if parsed in tied else tied[0]), scores
 
 
 def decided_by_first_token(
@@ -161,12 +169,8 @@ def decided_by_first_token(
 ) -> bool:
     """Whether the first answer token's alternatives name one best label, so that the rest of the
     answer is not needed (a tie between labels that share the token needs the text to break it)."""
-    scores = label_scores_from_top(candidates, labels) if candidates else None
-    if scores is None:
-        return False
-    best = max(scores)
-    tied = [labels[i] for i, s in enumerate(scores) if s == best]
-    return len(tied) == 1 or parse_label(answer, labels) in tied
+    parsed, scores, tied = _ranked(answer, candidates, labels)
+    return scores is not None and (len(tied) == 1 or parsed in tied)
 
 
 def reask_message(labels: Sequence[str]) -> Message:
