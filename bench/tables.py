@@ -189,8 +189,55 @@ def quality(preset: str = "default") -> None:
         )
 
 
+def slm_on_final_labels() -> None:
+    """Issue 12's SLM target: the SLM a user trains on freeal's final labels (``bench/slm.py
+    --labels file --labels-file RUN/labels.jsonl``), its test accuracy against those labels' own
+    accuracy, per slice; writes ``final_slm_summary.json``."""
+    import statistics
+
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("slmfinal_*.json"))]
+    if not runs:
+        return
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        run = r["runs"][0]
+        precision = "bf16" if "mixed_precision=bf16" in run["overrides"] else "fp32"
+        key = (r["dataset"], run["mode"], run["epochs"], precision, r["device"])
+        groups.setdefault(key, []).append(r)
+    print(
+        "| data | SLM | epochs | precision | slices | final labels | SLM test | gap (points) | s per epoch |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    summary: dict = {}
+    for (dataset, mode, epochs, precision, device), mine in groups.items():
+        labels = [r["label_accuracy"] for r in mine]
+        test = [r["runs"][0]["inductive_accuracy"] for r in mine]
+        gaps = [100 * (t - f) for t, f in zip(test, labels, strict=True)]
+        seconds = [r["runs"][0]["seconds_per_epoch"] for r in mine]
+        spread = f" ± {statistics.stdev(gaps):.1f}" if len(gaps) > 1 else ""
+        print(
+            f"| {dataset} | {mode} | {epochs} | {precision} | {len(mine)} | {statistics.mean(labels):.3f} "
+            f"| {statistics.mean(test):.3f} | {statistics.mean(gaps):+.1f}{spread} "
+            f"({', '.join(f'{g:+.1f}' for g in gaps)}) | {statistics.mean(seconds):.1f} |"
+        )
+        summary.setdefault(dataset, []).append(
+            {
+                "mode": mode,
+                "epochs": epochs,
+                "precision": precision,
+                "device": device,
+                "final_labels": labels,
+                "slm_test": test,
+                "gap_points": gaps,
+                "seconds_per_epoch": seconds,
+            }
+        )
+    (RESULTS / "final_slm_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
 if __name__ == "__main__":
     quality()
+    slm_on_final_labels()
     quality("paper")
     zeroshot()
     for path in sorted(RESULTS.glob("slm_*.json")):

@@ -383,6 +383,8 @@ def test_initial_round_defaults_to_zero_shot_and_the_backbone_to_the_kind(data_d
     assert classification.loop_config.initial_demos == "none"
     assert ner.slm_config.backbone == "all-minilm-l6-v2"
     assert classification.slm_config.backbone == "all-mpnet-base-v2"
-    finetune = FreeAL(load_task(data_dir / "sst2"), slm=SLMConfig(mode="finetune"), progress=False)
-    assert finetune.slm_config.backbone == "all-minilm-l6-v2"
+    for device, encoder in (("cpu", "all-minilm-l6-v2"), ("cuda", "all-mpnet-base-v2")):
+        finetune = SLMConfig(mode="finetune", device=device)
+        loop = FreeAL(load_task(data_dir / "sst2"), slm=finetune, progress=False)
+        assert loop.slm_config.backbone == encoder  # mpnet is fine-tuned only where a GPU pays for it
     assert FreeAL(TASK, loop=LoopConfig(initial_demos="generated")).loop_config.initial_demos == "generated"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -108,3 +113,19 @@ def test_unknown_backbone_is_one_clear_error(tmp_path):
     with pytest.raises(FreeALError, match=r"not a known encoder \(all-minilm-l6-v2, all-mpnet-base-v2\)"):
         encoder_path("roberta-base")
     assert encoder_path(str(tmp_path)) == str(tmp_path)  # a local folder is taken as is
+
+
+def test_processes_started_by_torchrun_share_the_work_and_end_with_one_model(data_dir, tmp_path):
+    """Two CPU processes (gloo), as ``accelerate launch`` starts one per GPU: each trains on half of
+    every batch; without the averaged gradients their weights would differ."""
+    script = Path(__file__).with_name("slm_processes.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    run = subprocess.run(
+        [*command, str(data_dir / "sst2"), str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (first["world"], second["world"]) == (2, 2)
+    assert (first["main"], second["main"]) == (True, False)
+    assert first["weights"] == second["weights"]
+    assert first["train_proba"] == second["train_proba"] and first["clean"] == second["clean"]

@@ -2,7 +2,7 @@
 
 ``pip install freeal`` labels with an OpenAI-compatible server alone; the embedded LLM needs
 ``freeal[local]`` (llama-cpp-python, compiled on install), the SLM and the loop's embeddings need
-``freeal[slm]`` (torch, transformers, sentence-transformers), ``freeal serve`` needs
+``freeal[slm]`` (torch, transformers, sentence-transformers, accelerate), ``freeal serve`` needs
 ``freeal[serve]``, Hugging Face ``datasets`` folders in and out need ``freeal[hub]``. Code that
 uses a part calls :func:`require` first, so a missing part is one error naming the pip command
 instead of an ImportError deep in a run.
@@ -20,6 +20,7 @@ EXTRA_OF = {
     "torch": "slm",
     "transformers": "slm",
     "sentence_transformers": "slm",
+    "accelerate": "slm",
     "uvicorn": "serve",
     "fastapi": "serve",
     "datasets": "hub",

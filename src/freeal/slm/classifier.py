@@ -89,7 +89,8 @@ class SLMClassifier(RobustTrainer):
     def _build(self) -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        torch.manual_seed(self.config.seed)
+        self._join_processes()
+        torch.manual_seed(self.config.seed)  # the same head in every process
         dim = AutoConfig.from_pretrained(self.backbone).hidden_size
         encoder = None
         if self.config.mode == "head":
@@ -121,14 +122,20 @@ class SLMClassifier(RobustTrainer):
         )
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def _logits(self, source: torch.Tensor | list[str], batch_size: int = 256) -> torch.Tensor:
+    def _logits(
+        self, source: torch.Tensor | list[str], batch_size: int = 256, *, shared: bool = False
+    ) -> torch.Tensor:
+        """Logits of every item of ``source``; ``shared``: during ``fit``, split between processes."""
+
+        def compute(items: np.ndarray) -> torch.Tensor:
+            out = []
+            with torch.no_grad():
+                for start in range(0, len(items), batch_size):
+                    out.append(self.net(self._batch(source, items[start : start + batch_size])).float().cpu())
+            return torch.cat(out) if out else torch.empty(0, len(self.labels))
+
         self.net.eval()
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(source), batch_size):
-                idx = np.arange(start, min(start + batch_size, len(source)))
-                out.append(self.net(self._batch(source, idx)).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, len(self.labels))
+        return self._gathered(len(source), compute) if shared else compute(np.arange(len(source)))
 
     # -- training -------------------------------------------------------------------------------
     def _targets(self, labels: Sequence[str | None]) -> np.ndarray:
@@ -192,7 +199,7 @@ class SLMClassifier(RobustTrainer):
     # -- the hooks of the robust schedule --------------------------------------------------------------
     def _losses_now(self) -> np.ndarray:
         """Cross-entropy of each labeled item against its given label, on the un-augmented input."""
-        logits = self._logits(self._source)[self._labeled]
+        logits = self._logits(self._source, shared=True)[self._labeled]
         return F.cross_entropy(logits, torch.as_tensor(self._y[self._labeled]), reduction="none").numpy()
 
     def _item_losses(self, losses: np.ndarray) -> np.ndarray:
@@ -215,52 +222,56 @@ class SLMClassifier(RobustTrainer):
         if cfg.robust and cfg.lambda_u > 0 and cfg.mode == "finetune" and self._views is None and epoch > 0:
             view = make_views(self._texts, cfg.seed + epoch)
         used = np.arange(len(self._texts)) if ramp > 0 else self._labeled
-        source, y_t, clean, optimizer, beta, rng = (
-            self._source, self._y_t, self._clean, self._optimizer, self._beta, self._rng
-        )  # fmt: skip
+        clean = self._clean
         self.net.train()
-        order = rng.permutation(used)
+        order = self._rng.permutation(used)
         sums = {"loss": 0.0, "ce": 0.0, "mixup": 0.0, "consistency": 0.0}
         steps = 0
         for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
+            idx = self._share(order[start : start + cfg.batch_size])
             c_idx, n_idx = idx[clean[idx]], idx[~clean[idx]]
-            loss = torch.zeros((), device=self.device)
-            if len(c_idx):
-                hidden = self.net.hidden_states(self._batch(source, c_idx))
-                target = y_t[torch.as_tensor(c_idx, device=self.device)]
-                ce = F.cross_entropy(self.net.head(hidden), target)
-                loss = loss + ce
-                sums["ce"] += ce.item()
-                if ramp > 0 and len(c_idx) > 1 and cfg.mixup_weight > 0:
-                    lam = float(beta.sample())
-                    lam = max(lam, 1 - lam)
-                    perm = torch.randperm(len(c_idx), device=self.device)
-                    onehot = F.one_hot(target, len(self.labels)).float()
-                    mixed = self.net.head(lam * hidden + (1 - lam) * hidden[perm])
-                    mix_target = lam * onehot + (1 - lam) * onehot[perm]
-                    mix = -(mix_target * F.log_softmax(mixed, 1)).sum(1).mean()
-                    loss = loss + ramp * cfg.mixup_weight * mix
-                    sums["mixup"] += mix.item()
-            if ramp > 0 and len(n_idx) and cfg.lambda_u > 0:
-                cons = symmetric_kl(
-                    self.net(self._batch(source, n_idx)),
-                    self.net(self._batch(view, n_idx)),
-                    cfg.sharpen_temperature,
-                )
-                loss = loss + ramp * cfg.lambda_u * cons
-                sums["consistency"] += cons.item()
-            if loss.requires_grad:
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+            loss = self._batch_loss(c_idx, n_idx, view, ramp, sums)
+            self._step(loss)
             sums["loss"] += loss.item()
             steps += 1
         return {k: v / max(steps, 1) for k, v in sums.items()}
 
+    def _batch_loss(
+        self, c_idx: np.ndarray, n_idx: np.ndarray, view: torch.Tensor | list[str], ramp: float, sums: dict
+    ) -> torch.Tensor:
+        """Cross-entropy (+ mixup) on a batch's clean items, consistency on its noisy ones."""
+        cfg = self.config
+        source, y_t, beta = self._source, self._y_t, self._beta
+        loss = torch.zeros((), device=self.device)
+        if len(c_idx):
+            hidden = self.net.hidden_states(self._batch(source, c_idx))
+            target = y_t[torch.as_tensor(c_idx, device=self.device)]
+            ce = F.cross_entropy(self.net.head(hidden), target)
+            loss = loss + ce
+            sums["ce"] += ce.item()
+            if ramp > 0 and len(c_idx) > 1 and cfg.mixup_weight > 0:
+                lam = float(beta.sample())
+                lam = max(lam, 1 - lam)
+                perm = torch.randperm(len(c_idx), device=self.device)
+                onehot = F.one_hot(target, len(self.labels)).float()
+                mixed = self.net.head(lam * hidden + (1 - lam) * hidden[perm])
+                mix_target = lam * onehot + (1 - lam) * onehot[perm]
+                mix = -(mix_target * F.log_softmax(mixed, 1)).sum(1).mean()
+                loss = loss + ramp * cfg.mixup_weight * mix
+                sums["mixup"] += mix.item()
+        if ramp > 0 and len(n_idx) and cfg.lambda_u > 0:
+            cons = symmetric_kl(
+                self.net(self._batch(source, n_idx)),
+                self.net(self._batch(view, n_idx)),
+                cfg.sharpen_temperature,
+            )
+            loss = loss + ramp * cfg.lambda_u * cons
+            sums["consistency"] += cons.item()
+        return loss
+
     def _finish(self, source: torch.Tensor | list[str], y: np.ndarray, history: list[np.ndarray]) -> None:
         """Per-item predictions, losses and the final clean/noisy split on the training items."""
-        logits = self._logits(source)
+        logits = self._logits(source, shared=True)
         self.train_proba_ = F.softmax(logits, 1).numpy()
         labeled = np.flatnonzero(y >= 0)
         final = F.cross_entropy(logits[labeled], torch.as_tensor(y[labeled]), reduction="none").numpy()

@@ -7,6 +7,11 @@ by a linear ramp over ``rampup_epochs``. The losses of every epoch after the fir
 loss averaged over epochs (``mean_loss_``) ranks the clean set, since a mislabeled item is fitted
 late, if at all, and its average stays high even once the network has memorised it.
 
+The classifier can train in several processes, one per GPU, started by ``accelerate launch`` (or
+``torchrun``): each process takes its share of every batch, the gradients are averaged across
+processes before each step, so every process holds the same model, and the per-item loss passes are
+split between processes and gathered. Alone (``WORLD_SIZE`` unset or 1) nothing of this runs.
+
 A model is saved as its weights (tensors only, loaded with ``weights_only=True``, written to a
 temporary file and renamed, so a kill never leaves half a model) and a JSON of what rebuilds it.
 The classifier (:mod:`freeal.slm.classifier`) and the tagger (:mod:`freeal.slm.tagger`) say what an
@@ -16,6 +21,7 @@ item, a loss and an epoch's training are; this class says when each happens.
 from __future__ import annotations
 
 import json
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -29,6 +35,7 @@ from torch import nn
 from freeal.config import SLMConfig
 from freeal.data import write_text_atomic
 from freeal.errors import FreeALError
+from freeal.extras import require
 
 M = TypeVar("M", bound="RobustTrainer")
 
@@ -44,6 +51,10 @@ class RobustTrainer(ABC):
     device: str
     net: nn.Module
     epoch_log: list[dict]
+    _optimizer: torch.optim.Optimizer
+    #: this process's place among those training one model (``accelerate launch``); alone 0 of 1
+    rank: int = 0
+    world: int = 1
 
     # -- what a subclass says ------------------------------------------------------------------------
     @abstractmethod
@@ -78,6 +89,54 @@ class RobustTrainer(ABC):
     @abstractmethod
     def _from_meta(cls: type[M], meta: dict, device: str) -> M:
         """An untrained model as :meth:`_meta` described it."""
+
+    # -- processes ----------------------------------------------------------------------------------
+    def _join_processes(self) -> None:
+        """Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE`` > 1) take this process's device and
+        place among the others; alone, keep ``config.device``."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return
+        require("accelerate", what="training the SLM in several processes")
+        from accelerate import PartialState
+
+        state = PartialState(cpu=self.device == "cpu")
+        self.device, self.rank, self.world = str(state.device), state.process_index, state.num_processes
+
+    @property
+    def main_process(self) -> bool:
+        """Whether this process writes files (the first; always, when training alone)."""
+        return self.rank == 0
+
+    def _share(self, idx: np.ndarray) -> np.ndarray:
+        """This process's part of a batch (the whole batch when training alone)."""
+        return idx[self.rank :: self.world]
+
+    def _step(self, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss``, with the gradients averaged across processes."""
+        self._optimizer.zero_grad()
+        if loss.requires_grad:
+            loss.backward()
+        elif self.world == 1:
+            return
+        if self.world > 1:  # every process joins the average, also one whose share was empty
+            from accelerate.utils import reduce
+
+            params = [p for p in self.net.parameters() if p.requires_grad]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.flatten() for g in grads])
+            flat = reduce(flat, reduction="mean")
+            for p, grad in zip(params, flat.split([p.numel() for p in params]), strict=True):
+                p.grad = grad.view_as(p).clone()
+        self._optimizer.step()
+
+    def _gathered(self, n: int, compute: Callable[[np.ndarray], torch.Tensor]) -> torch.Tensor:
+        """``compute`` over items ``0..n-1``, split between the processes and gathered in order."""
+        if self.world == 1:
+            return compute(np.arange(n))
+        from accelerate.utils import gather_object
+
+        parts = gather_object([compute(np.array_split(np.arange(n), self.world)[self.rank])])
+        return torch.cat(parts)
 
     # -- the schedule ---------------------------------------------------------------------------------
     def _run_epochs(self, on_epoch: Callable[[dict], None] | None) -> list[np.ndarray]:

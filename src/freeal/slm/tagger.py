@@ -193,9 +193,8 @@ class SLMTagger(RobustTrainer):
         return float(self._sentence_clean[self._labeled].mean())
 
     def _train_epoch(self, ramp: float) -> dict[str, float]:
-        words, given, labeled, token_clean, sentence_clean, optimizer, rng = (
-            self._words, self._given, self._labeled, self._token_clean, self._sentence_clean,
-            self._optimizer, self._rng,
+        words, given, labeled, token_clean, sentence_clean, rng = (
+            self._words, self._given, self._labeled, self._token_clean, self._sentence_clean, self._rng,
         )  # fmt: skip
         cfg = self.config
         self.net.train()
@@ -226,10 +225,7 @@ class SLMTagger(RobustTrainer):
                 cons = symmetric_kl(logits[noisy][mask], again[mask], cfg.sharpen_temperature)
                 loss = loss + ramp * cfg.lambda_u * cons
                 sums["consistency"] += cons.item()
-            if loss.requires_grad:
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+            self._step(loss)
             sums["loss"] += loss.item()
             steps += 1
         return {k: v / max(steps, 1) for k, v in sums.items()}
