@@ -141,10 +141,12 @@ def main() -> None:
     parser.add_argument("--headline", type=float, default=0.3, help="share escalated in the timed run")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    slices = []
+    # slices measured by an earlier invocation stay, unless measured again
+    slices = json.loads(args.out.read_text())["slices"] if args.out.is_file() else []
     with tempfile.TemporaryDirectory() as scratch:
         for dataset in args.datasets:
             for seed in args.seeds:
+                slices = [s for s in slices if (s["dataset"], s["seed"]) != (dataset, seed)]
                 slices.append(run_slice(args, dataset, seed, Path(scratch)))
                 summary = {}
                 for ds in dict.fromkeys(s["dataset"] for s in slices):
