@@ -1,0 +1,114 @@
+"""Issue 13: what the per-sentence grammar costs NER generation on llama.cpp, and what it buys.
+
+The same zero-shot NER prompts (random BC5CDR train sentences), generated three ways with fresh
+caches, one after another in one process: ``ngrams`` (today's grammar: ``Type: mention`` lines where
+a mention is one of the sentence's own n-grams), ``lines`` (the same line format, a mention any
+text on one line, aligned to the sentence afterwards) and ``free`` (no grammar). Per way: seconds
+per sentence, generated tokens, answers cut off or unreadable, and entity F1 against gold (gold
+only scores).
+
+    python bench/ner_grammar.py --limit 60 --out bench/results/ner_grammar.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from freeal.config import LLMConfig
+from freeal.data import read_sentences
+from freeal.llm import make_annotator
+from freeal.llm.native import cpu_name
+from freeal.llm.prompts import ner_prompt
+from freeal.metrics import ner_report
+from freeal.ner import END, align, answer_grammar, parse_lines, render, tags_from_spans
+from freeal.tasks import load_task
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def lines_grammar(types: list[str]) -> str:
+    """The answer's line format alone: any one-line mention, checked by alignment afterwards."""
+    kinds = " | ".join(json.dumps(t) for t in types)
+    return (
+        f'root ::= entity* "{END}"\n'
+        'entity ::= type ": " mention "\\n"\n'
+        f"type ::= {kinds}\n"
+        "mention ::= [^\\n]{1,120}\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="bc5cdr")
+    parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--ways", nargs="+", default=["ngrams", "lines", "free"])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    task = load_task(DATA / args.dataset)
+    data = read_sentences(DATA / args.dataset / "train.jsonl", task=task, limit=args.limit, seed=args.seed)
+    types = task.label_names
+    prompts = [ner_prompt(task, render(tokens)) for tokens in data.tokens]
+    result: dict = {
+        "machine": cpu_name(),
+        "model": args.model,
+        "dataset": args.dataset,
+        "sentences": len(data),
+        "slice": f"train: random {len(data)} (seed {args.seed})",
+        "ways": {},
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        for way in args.ways:
+            annotator = make_annotator(
+                LLMConfig(model=args.model, cache_path=Path(scratch) / f"{way}.sqlite")
+            )
+            grammars = {
+                "ngrams": [answer_grammar(tokens, types) for tokens in data.tokens],
+                "lines": [lines_grammar(types)] * len(data),
+                "free": None,
+            }[way]
+            start = time.perf_counter()
+            answers = dict(
+                annotator.generate_many(prompts, max_tokens=160, temperature=0.0, seed=0, grammars=grammars)
+            )
+            seconds = time.perf_counter() - start
+            predicted, cut, unreadable, unaligned = [], 0, 0, 0
+            for i, tokens in enumerate(data.tokens):
+                text = answers[i].text
+                if not text.rstrip().endswith(END):
+                    cut += 1
+                    text = text[: text.rfind("\n") + 1]
+                try:
+                    mentions = parse_lines(text, types)
+                except ValueError:
+                    unreadable += 1
+                    mentions = []
+                spans, missed = align(tokens, mentions)
+                unaligned += missed
+                predicted.append(tags_from_spans(len(tokens), spans))
+            report = ner_report(data.gold, predicted)
+            result["ways"][way] = {
+                "seconds_per_sentence": seconds / len(data),
+                "generated_tokens_per_sentence": sum(a.completion_tokens for a in answers.values())
+                / len(data),
+                "evaluated_tokens_per_sentence": sum(a.evaluated_tokens for a in answers.values())
+                / len(data),
+                "cut_off": cut,
+                "unreadable": unreadable,
+                "unaligned_mentions": unaligned,
+                "entity_f1": report["f1"],
+                "precision": report["precision"],
+                "recall": report["recall"],
+            }
+            print(way, json.dumps(result["ways"][way]), flush=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
