@@ -64,7 +64,7 @@ def run_one(
     items = read(DATA / dataset / "train.jsonl", task=task, limit=limit, seed=seed)
     test = read(DATA / dataset / "test.jsonl", task=task, limit=test_limit, seed=seed)
     settings = PRESETS[preset]
-    llm = LLMConfig(cache_path=keep / "cache.sqlite")
+    llm = LLMConfig(cache_path=keep / "cache.sqlite", **override.get("llm", {}))
     slm = SLMConfig(**{**settings.get("slm", {}), **override.get("slm", {})})
     loop = LoopConfig(zero_shot_baseline=True, **{**settings.get("loop", {}), **override.get("loop", {})})
     tag = preset + ("-" + json.dumps(override, sort_keys=True) if override else "")
@@ -145,7 +145,11 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=500)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--keep", type=Path, help="LLM cache and run folders (resumable); needed for runs")
-    parser.add_argument("--override", default="{}", help='settings over the preset, JSON: {"loop": {...}}')
+    parser.add_argument(
+        "--override",
+        default="{}",
+        help='settings over the preset, JSON: {"llm": {...}, "slm": ..., "loop": ...}',
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON files go")
     parser.add_argument(
         "--sensitivity",

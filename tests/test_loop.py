@@ -334,6 +334,11 @@ def test_refinery_asks_no_one_when_the_slm_cannot_learn_the_llm(slice_, smollm2,
     assert feedback["kappa"] < 0.99 and "kappa" in feedback["skipped"]
     assert feedback["noisy"] == 0
     assert not any(r["asked"] for r in read_jsonl(runner.run_dir / "round-1/llm/labels.jsonl"))
+    # nor do the final labels weigh in an SLM that learned nothing: they are the LLM's answers
+    final = json.loads((runner.run_dir / "final/step.json").read_text())
+    assert final["slm_weight"] == 0.0 and final["kappa"] < 0.99 and final["changed_from_llm"] == 0
+    last = read_jsonl(runner.run_dir / "round-1/llm/labels.jsonl")
+    assert runner.labels_["label"].tolist() == [r["label"] for r in last]
 
 
 def test_each_labeled_row_keeps_its_own_raw_scores(scripted_llm, tmp_path):

@@ -173,7 +173,8 @@ class LoopConfig(BaseModel):
     probabilities (NER) keep the LLM's answer.
     ``min_kappa``: refinery asks no one when the SLM's (held-out) predictions agree with the LLM's
     answers no better than this Cohen's kappa: answers a model cannot learn carry little signal,
-    and demonstrations drawn from them would feed the LLM its own bias.
+    and demonstrations drawn from them would feed the LLM its own bias. The final labels then leave
+    the SLM out too (the LLM's answers alone): with a near-chance annotator it only added noise.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -547,6 +547,15 @@ class FreeAL:
         ]
         rows = rounds[-1][0]
         weight = cfg.slm_weight if cfg.final_label == "combined" else 0.0
+        # An SLM that reproduces the LLM's last answers no better than chance learned nothing from
+        # them (an annotator near chance: BENCHMARKS.md); weighing it in would only add its noise.
+        kappa = agreement_kappa(
+            [self.kind.signature(a) for a in self._answers(f"round-{last}/llm")],
+            [self.kind.signature(p["predicted"]) for p in rounds[-1][1]],
+        )
+        if weight and kappa is not None and kappa < cfg.min_kappa:
+            self.say(f"final labels: the SLM learned the LLM's answers no better than chance ({kappa:.2f})")
+            weight = 0.0
         final, confidence = self.kind.combine(self.items, rounds, weight)
         key = self.kind.answer_key
         write_jsonl_atomic(
@@ -560,6 +569,8 @@ class FreeAL:
         result: dict = {
             "round": last,
             "rule": cfg.final_label,
+            "slm_weight": weight,
+            "kappa": kappa,
             "changed_from_llm": sum(a != b for a, b in zip(final, llm, strict=True)),
             "metrics": self._score(final),
         }
