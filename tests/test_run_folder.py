@@ -268,11 +268,33 @@ def test_the_embedding_cache_temp_file_is_per_process(tmp_path, monkeypatch):
     from freeal.embed import Embedder
 
     monkeypatch.setenv("FREEAL_CACHE_DIR", str(tmp_path))
-    saved = []
-    real_save = np.save
-    monkeypatch.setattr(np, "save", lambda path, array: (saved.append(path), real_save(path, array)))
+    written = []
+    real_open = np.lib.format.open_memmap
+
+    def spy(path, mode="r+", **kw):  # type: ignore[no-untyped-def]
+        if mode == "w+":
+            written.append(path)
+        return real_open(path, mode=mode, **kw)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", spy)
     Embedder(device="cpu").encode(["one text", "another"])
-    assert len(saved) == 1 and f"tmp{__import__('os').getpid()}" in str(saved[0])
+    assert len(written) == 1 and f"tmp{__import__('os').getpid()}" in str(written[0])
+
+
+def test_cached_embeddings_are_written_in_chunks_and_read_back_as_a_memory_map(tmp_path, monkeypatch):
+    """A million texts' vectors never sit whole in memory: written chunk by chunk, read mapped."""
+    from freeal.embed import Embedder
+
+    texts = [f"text number {i} about a film" for i in range(7)]
+    whole = Embedder(device="cpu", cache=False).encode(texts)
+    monkeypatch.setenv("FREEAL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(Embedder, "CHUNK", 3)
+    first = Embedder(device="cpu").encode(texts)
+    again = Embedder(device="cpu").encode(texts)
+    for vectors in (first, again):
+        assert isinstance(vectors, np.memmap) and not vectors.flags.writeable
+        assert np.allclose(vectors, whole, atol=1e-5)
+    assert not list(tmp_path.rglob("*.tmp*"))  # the temp file was renamed into place
 
 
 @pytest.mark.parametrize(

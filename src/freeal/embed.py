@@ -130,6 +130,9 @@ def torch_device(name: str = "auto") -> str:
 class Embedder:
     """Unit-normalized sentence embeddings from a sentence-transformers model folder."""
 
+    #: texts encoded per model call and written to the cache file at once
+    CHUNK = 8192
+
     def __init__(
         self,
         model_path: str | None = None,
@@ -178,10 +181,31 @@ class Embedder:
         return vectors
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors of ``texts``: on disk, memory-mapped, when cached (so a million texts' vectors
+        need no memory of their own), computed in chunks written straight to the file otherwise."""
         path = self.cache_dir / f"{self._key(texts)}.npy" if self.cache_dir else None
         if path is not None and path.is_file():
-            return np.load(path)
-        vectors = (
+            return np.load(path, mmap_mode="r")
+        if path is None:
+            return self._model_encode(texts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")  # two processes never share a temp file
+        out = None
+        for start in range(0, len(texts), self.CHUNK):
+            vectors = self._model_encode(texts[start : start + self.CHUNK])
+            if out is None:
+                shape = (len(texts), vectors.shape[1])
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            out[start : start + len(vectors)] = vectors
+        if out is None:  # no texts
+            return self._model_encode(texts)
+        out.flush()
+        del out
+        tmp.replace(path)
+        return np.load(path, mmap_mode="r")
+
+    def _model_encode(self, texts: Sequence[str]) -> np.ndarray:
+        return (
             self._load()
             .encode(
                 list(texts),
@@ -192,9 +216,3 @@ class Embedder:
             )
             .astype(np.float32)
         )
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")  # two processes never share a temp file
-            np.save(tmp, vectors)
-            tmp.replace(path)
-        return vectors

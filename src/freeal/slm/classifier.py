@@ -105,7 +105,8 @@ class SLMClassifier(RobustTrainer):
     def _inputs(self, texts: Sequence[str]) -> torch.Tensor | list[str]:
         """Head mode: the embeddings, computed once; finetune mode: the texts, tokenized per batch."""
         if self.config.mode == "head":
-            return torch.from_numpy(self._embedder.encode(texts)).to(self.device)
+            # a copy: cached vectors are a read-only memory map of the file
+            return torch.from_numpy(np.array(self._embedder.encode(texts))).to(self.device)
         return list(texts)
 
     def _batch(
