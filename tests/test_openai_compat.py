@@ -8,11 +8,14 @@ import time
 
 import pytest
 
+from freeal.config import Endpoint, LLMConfig
 from freeal.errors import FreeALError
-from freeal.llm.base import LabelScores, Message
+from freeal.llm import annotator_identity, make_annotator
+from freeal.llm.base import Annotator, LabelScores, Message
 from freeal.llm.openai_compat import (
     FLOOR_MARGIN,
     WORKER_THREADS,
+    EndpointSpec,
     OpenAICompatAnnotator,
     label_scores_from_top,
     parse_label,
@@ -58,7 +61,7 @@ def annotator(url: str, **kw) -> OpenAICompatAnnotator:
     return OpenAICompatAnnotator("test-model", url, **kw)
 
 
-def run_all(ann: OpenAICompatAnnotator, texts: list[str]) -> list[LabelScores]:
+def run_all(ann: Annotator, texts: list[str]) -> list[LabelScores]:
     results: dict[int, LabelScores] = {}
     for index, answer in ann.score_many([prompt(t) for t in texts], LABELS):
         assert index not in results
@@ -289,6 +292,33 @@ def test_two_endpoints_both_used_with_their_keys(monkeypatch: pytest.MonkeyPatch
     assert a.url.removesuffix("/v1") in ann.identity and b.url.removesuffix("/v1") in ann.identity
 
 
+def test_each_endpoint_keeps_its_own_concurrency(tmp_path) -> None:
+    """One slot on one server, four on the other (the run-wide bound is 2), set in the run config:
+    neither ever has more requests in flight than its own bound, the roomier one goes past 2 and
+    takes most of the work, and the limits leave the identity (the cache key) as it is without them."""
+    with server(latency=0.1) as one, server(latency=0.1) as four:
+        endpoints = [
+            {"base_url": one.url, "api_key_env": KEY_ENV, "max_concurrency": 1},
+            {"base_url": four.url, "api_key_env": KEY_ENV, "max_concurrency": 4, "rpm": 6000},
+        ]
+        cfg = LLMConfig(
+            backend="openai",
+            model="test-model",
+            endpoints=endpoints,
+            max_concurrency=2,
+            cache_path=tmp_path / "c.sqlite",
+        )
+        texts = [f"{TEXTS[i % 4][0]} (item {i})" for i in range(20)]  # distinct: the cache asks each once
+        answers = run_all(make_annotator(cfg), texts)
+        bare = [Endpoint(base_url=e["base_url"], api_key_env=KEY_ENV) for e in endpoints]
+        plain = cfg.model_copy(update={"endpoints": bare})
+    assert [x.label for x in answers] == [TEXTS[i % 4][1] for i in range(20)]
+    # above the run-wide 2, so its own 4 applied
+    assert one.max_in_flight == 1 and 2 < four.max_in_flight <= 4
+    assert one.requests + four.requests == 20 and four.requests > one.requests
+    assert annotator_identity(cfg) == annotator_identity(plain)
+
+
 def test_key_from_named_env_var_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_LLM_KEY", "sk-very-secret-key")
     with server() as srv:
@@ -379,6 +409,8 @@ def test_bad_configuration() -> None:
         OpenAICompatAnnotator("m", "http://x/v1", endpoints=[("http://y/v1", "K")])
     with pytest.raises(FreeALError):
         OpenAICompatAnnotator("m", "http://x/v1", max_concurrency=0)
+    with pytest.raises(FreeALError, match="max_concurrency of http://y/v1"):
+        OpenAICompatAnnotator("m", endpoints=[EndpointSpec("http://y/v1", max_concurrency=0)])
     with pytest.raises(FreeALError):
         OpenAICompatAnnotator("", "http://x/v1")
     ann = OpenAICompatAnnotator("m", "http://127.0.0.1:9/v1")

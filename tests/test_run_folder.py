@@ -6,21 +6,22 @@ import sqlite3
 import threading
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from freeal.cli import app
-from freeal.config import LLMConfig, LoopConfig, SLMConfig
+from freeal.config import LLMConfig, LoopConfig, SLMConfig, validate
 from freeal.data import read_items, read_jsonl
 from freeal.errors import FreeALError
 from freeal.llm import annotator_identity
 from freeal.llm.base import LabelScores
 from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.llm.openai_compat import OpenAICompatAnnotator
-from freeal.loop import FreeAL
+from freeal.loop import FreeAL, fingerprint
 from freeal.slm.classifier import SLMClassifier
-from freeal.tasks import load_task
+from freeal.tasks import Task, load_task
 
 SLM = SLMConfig(mode="head", backbone="all-minilm-l6-v2", epochs=4, warmup_epochs=1, device="cpu")
 ZERO_SHOT_START = LoopConfig(
@@ -350,7 +351,7 @@ from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.llm.llamacpp import LlamaCppAnnotator
 from freeal.llm.models import resolve_model
 from freeal.llm.prompts import classification_prompt
-from freeal.tasks import load_task
+from freeal.tasks import Task, load_task
 task = load_task(sys.argv[1])
 items = read_items(sys.argv[2], task=task, limit=24, seed=4)
 path, name = resolve_model("smollm2-135m")
@@ -434,3 +435,30 @@ llm:
     config.write_text(config.read_text().replace("{base_url:", "{url:", 1))
     with pytest.raises(FreeALError, match="endpoints"):
         load_run_config(config)
+
+
+def test_an_endpoint_may_carry_its_own_limits():
+    """`max_concurrency`, `rpm` and `tpm` on one endpoint (the issue's config) validate, reach the
+    annotator, and change neither the cache key nor the run's fingerprint (limits change no
+    answer); a bad limit is one error naming it."""
+    url = "http://127.0.0.1:8001/v1"
+    limited = {"base_url": url, "rpm": 60, "tpm": 1000, "max_concurrency": 2}
+    cfg = validate(LLMConfig, {"backend": "openai", "model": "m", "endpoints": [limited]}, "run.yaml")
+    plain = validate(
+        LLMConfig, {"backend": "openai", "model": "m", "endpoints": [{"base_url": url}]}, "run.yaml"
+    )
+    (endpoint,) = cfg.endpoints
+    assert endpoint.max_concurrency == 2
+    assert endpoint.requests_per_minute == 60 and endpoint.tokens_per_minute == 1000
+    assert annotator_identity(cfg) == annotator_identity(plain)
+    task = Task(name="t", description="Sentiment.", labels={"negative": "bad", "positive": "good"})
+    items = read_items(pd.DataFrame({"text": ["a film"]}), label_col=None)
+    specs = [
+        fingerprint(task, items, items.texts, c, SLMConfig(), LoopConfig(), models={}) for c in (cfg, plain)
+    ]
+    assert specs[0] == specs[1]  # limits change no answer: a run resumes whatever they are
+    bad = {"backend": "openai", "model": "m", "endpoints": [{"base_url": url, "max_concurrency": 0}]}
+    with pytest.raises(
+        FreeALError, match=r"^run\.yaml: endpoints\.0\.max_concurrency: .*greater than or equal to 1"
+    ):
+        validate(LLMConfig, bad, "run.yaml")

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from freeal.errors import FreeALError
 
@@ -25,12 +25,26 @@ def cache_root() -> Path:
 
 
 class Endpoint(BaseModel):
-    """One OpenAI-compatible server and the environment variable holding its key."""
+    """One OpenAI-compatible server and the environment variable holding its key.
+
+    Each server or key has its own quota (a local vLLM takes many requests at once, a provider's key
+    so many per minute), so an endpoint may carry its own ``max_concurrency``,
+    ``requests_per_minute`` (``rpm``) and ``tokens_per_minute`` (``tpm``); unset, a limit is the
+    :class:`LLMConfig`-wide one. Limits change no answer, so they are in neither the answer cache's
+    key nor a run's fingerprint.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     base_url: str = Field(min_length=1)
     api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int | None = Field(default=None, ge=1)
+    requests_per_minute: float | None = Field(
+        default=None, gt=0, validation_alias=AliasChoices("requests_per_minute", "rpm")
+    )
+    tokens_per_minute: float | None = Field(
+        default=None, gt=0, validation_alias=AliasChoices("tokens_per_minute", "tpm")
+    )
 
 
 class LLMConfig(BaseModel):
@@ -38,6 +52,8 @@ class LLMConfig(BaseModel):
 
     ``calibrate``: contextual calibration ``on``, ``off``, or ``auto`` (decided per data set without
     gold labels: see :func:`freeal.annotate.choose_calibration`).
+    ``max_concurrency``, ``requests_per_minute`` and ``tokens_per_minute`` bound each OpenAI-compatible
+    endpoint; an entry of ``endpoints`` may set its own (:class:`Endpoint`).
     """
 
     model_config = ConfigDict(extra="forbid")

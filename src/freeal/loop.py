@@ -52,16 +52,24 @@ log = logging.getLogger(__name__)
 #: The file that keeps two processes out of one run folder.
 _LOCK = ".lock"
 
-#: LLM settings that change no answer and no label, left out of a run's fingerprint.
-_LLM_NOT_FINGERPRINTED = {
-    "n_threads",
-    "batch_tokens",
-    "cache_path",
-    "max_concurrency",
-    "timeout",
-    "max_retries",
-    "extra_buffers",
-    "allow_plain_http",
+#: LLM settings that change no answer and no label, left out of a run's fingerprint (in
+#: ``model_dump``'s ``exclude`` form). An endpoint's own limits are left out too, so its entry reads as
+#: it did before endpoints had limits, and a run made then still resumes.
+_LLM_NOT_FINGERPRINTED: dict[str, Any] = {
+    **dict.fromkeys(
+        (
+            "n_threads",
+            "batch_tokens",
+            "cache_path",
+            "max_concurrency",
+            "timeout",
+            "max_retries",
+            "extra_buffers",
+            "allow_plain_http",
+        ),
+        True,
+    ),
+    "endpoints": {"__all__": {"max_concurrency", "requests_per_minute", "tokens_per_minute"}},
 }
 
 

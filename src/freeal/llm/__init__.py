@@ -35,13 +35,13 @@ def annotator_identity(cfg: LLMConfig) -> str:
 
 
 def _openai_annotator(cfg: LLMConfig) -> OpenAICompatAnnotator:
-    from freeal.llm.openai_compat import OpenAICompatAnnotator
+    from freeal.llm.openai_compat import EndpointSpec, OpenAICompatAnnotator
 
     return OpenAICompatAnnotator(
         model=cfg.model,
         base_url=cfg.base_url,
         api_key_env=cfg.api_key_env,
-        endpoints=[(e.base_url, e.api_key_env) for e in cfg.endpoints] if cfg.endpoints else None,
+        endpoints=[EndpointSpec(**e.model_dump()) for e in cfg.endpoints] if cfg.endpoints else None,
         max_concurrency=cfg.max_concurrency,
         requests_per_minute=cfg.requests_per_minute,
         tokens_per_minute=cfg.tokens_per_minute,

@@ -223,12 +223,26 @@ class _TokenBucket:
             time.sleep(wait)
 
 
+@dataclass(frozen=True)
+class EndpointSpec:
+    """One server, the environment variable holding its key, and its own limits, for
+    ``OpenAICompatAnnotator(endpoints=...)``: each server or key has its own quota, so each may be
+    bounded apart. A limit left ``None`` is the annotator-wide one."""
+
+    base_url: str
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int | None = None
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+
+
 @dataclass
 class _Endpoint:
     """One server + key (persistent across runs). The key itself is never stored here."""
 
     base_url: str
     api_key_env: str
+    max_concurrency: int  # requests in flight at once, per score_many/generate_many call
     requests: _TokenBucket | None = None
     tokens: _TokenBucket | None = None
     cooldown_until: float = 0.0  # time.monotonic() before which no request is sent (after a 429)
@@ -365,11 +379,13 @@ class OpenAICompatAnnotator:
 
     Transport: several ``endpoints`` (server, key env var) can be used in parallel, each with its
     own ``max_concurrency`` bound and ``requests_per_minute`` / ``tokens_per_minute`` token buckets
-    (tokens estimated as characters/4 until the server's ``usage`` gives the real ratio). Each
-    request goes to the least busy endpoint (round-robin among equals), so a faster server, which
-    frees its slots sooner, takes more of the work. An endpoint that fails (no answer, a timeout,
-    5xx) is benched for ``backoff_base``·2^(failures in a row) seconds, at most ``backoff_max``:
-    its request is retried on the others, and it is tried again once the bench time is over.
+    (tokens estimated as characters/4 until the server's ``usage`` gives the real ratio); an
+    :class:`EndpointSpec` sets an endpoint's own values, else the annotator-wide ones apply. Each
+    request goes to the least busy endpoint (fewest requests in flight per slot, round-robin among
+    equals), so a faster server, which frees its slots sooner, takes more of the work. An endpoint
+    that fails (no answer, a timeout, 5xx) is benched for ``backoff_base``·2^(failures in a row)
+    seconds, at most ``backoff_max``: its request is retried on the others, and it is tried again
+    once the bench time is over.
     429, 5xx, timeouts, connection errors and unparseable bodies are retried up to ``max_retries`` times with
     exponential backoff and jitter from ``backoff_base`` seconds (capped at ``backoff_max``),
     honouring ``Retry-After``; other 4xx raise :class:`FreeALError` with the status and the
@@ -383,7 +399,7 @@ class OpenAICompatAnnotator:
         base_url: str | None = None,
         api_key_env: str = "OPENAI_API_KEY",
         *,
-        endpoints: Sequence[Sequence[str]] | None = None,
+        endpoints: Sequence[EndpointSpec | Sequence[str]] | None = None,
         max_concurrency: int = 8,
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
@@ -403,43 +419,53 @@ class OpenAICompatAnnotator:
         if endpoints is not None and base_url is not None:
             raise FreeALError("OpenAI-compatible annotator: give either 'base_url' or 'endpoints', not both.")
         if endpoints is not None:
-            pairs: list[tuple[str, str]] = []
+            specs: list[EndpointSpec] = []
             for entry in endpoints:
-                if isinstance(entry, str) or len(entry) != 2:
+                if isinstance(entry, EndpointSpec):
+                    specs.append(entry)
+                elif isinstance(entry, str) or len(entry) != 2:
                     raise FreeALError(
-                        "OpenAI-compatible annotator: each endpoint must be a pair "
+                        "OpenAI-compatible annotator: each endpoint must be an EndpointSpec or a pair "
                         f"(base_url, api_key_env), got {entry!r}."
                     )
-                pairs.append((str(entry[0]), str(entry[1])))
-            if not pairs:
+                else:
+                    specs.append(EndpointSpec(str(entry[0]), str(entry[1])))
+            if not specs:
                 raise FreeALError("OpenAI-compatible annotator: 'endpoints' is empty.")
         else:
             url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-            pairs = [(url, api_key_env)]
-        for url, env in pairs:
-            if not urlsplit(url.strip()).scheme.startswith("http"):
-                raise FreeALError(
-                    f"OpenAI-compatible annotator: base URL {_clean_url(url)!r} is not http(s)."
-                )
-            if not env:
-                raise FreeALError(
-                    "OpenAI-compatible annotator: api_key_env must name an environment variable."
-                )
-        for name, value, low in (
+            specs = [EndpointSpec(url, api_key_env)]
+        counts: list[tuple[str, object, int]] = [
             ("max_concurrency", max_concurrency, 1),
             ("max_tokens", max_tokens, 1),
             ("score_tokens", score_tokens, 1),
             ("top_logprobs", top_logprobs, 1),
             ("max_retries", max_retries, 0),
-        ):
+        ]
+        rates: list[tuple[str, float | None]] = [
+            ("requests_per_minute", requests_per_minute),
+            ("tokens_per_minute", tokens_per_minute),
+        ]
+        for spec in specs:
+            shown = _clean_url(spec.base_url)
+            if not urlsplit(spec.base_url.strip()).scheme.startswith("http"):
+                raise FreeALError(f"OpenAI-compatible annotator: base URL {shown!r} is not http(s).")
+            if not spec.api_key_env:
+                raise FreeALError(
+                    "OpenAI-compatible annotator: api_key_env must name an environment variable."
+                )
+            if spec.max_concurrency is not None:
+                counts.append((f"max_concurrency of {shown}", spec.max_concurrency, 1))
+            rates += [
+                (f"requests_per_minute of {shown}", spec.requests_per_minute),
+                (f"tokens_per_minute of {shown}", spec.tokens_per_minute),
+            ]
+        for name, value, low in counts:
             if not isinstance(value, int) or value < low:
                 raise FreeALError(
                     f"OpenAI-compatible annotator: {name} must be an integer >= {low}, got {value!r}."
                 )
-        for name, rate in (
-            ("requests_per_minute", requests_per_minute),
-            ("tokens_per_minute", tokens_per_minute),
-        ):
+        for name, rate in rates:
             if rate is not None and not rate > 0:
                 raise FreeALError(f"OpenAI-compatible annotator: {name} must be positive, got {rate!r}.")
         if not timeout > 0 or backoff_base < 0 or backoff_max < 0:
@@ -463,15 +489,19 @@ class OpenAICompatAnnotator:
         self.logprobs_ignored = False
         self.top_logprobs = top_logprobs
         self.allow_plain_http = allow_plain_http
-        self._endpoints = [
-            _Endpoint(
-                base_url=url.strip().rstrip("/"),
-                api_key_env=env,
-                requests=_TokenBucket(requests_per_minute) if requests_per_minute else None,
-                tokens=_TokenBucket(tokens_per_minute) if tokens_per_minute else None,
+        self._endpoints: list[_Endpoint] = []
+        for spec in specs:  # (validated above: a limit that is set is positive, so `or` only fills None)
+            rpm = spec.requests_per_minute or requests_per_minute
+            tpm = spec.tokens_per_minute or tokens_per_minute
+            self._endpoints.append(
+                _Endpoint(
+                    base_url=spec.base_url.strip().rstrip("/"),
+                    api_key_env=spec.api_key_env,
+                    max_concurrency=spec.max_concurrency or max_concurrency,
+                    requests=_TokenBucket(rpm) if rpm else None,
+                    tokens=_TokenBucket(tpm) if tpm else None,
+                )
             )
-            for url, env in pairs
-        ]
         self._rr = 0  # round-robin cursor among equally busy endpoints
         # Observed prompt characters and tokens, to turn characters into a token estimate.
         self._stats_lock = threading.Lock()
@@ -539,7 +569,7 @@ class OpenAICompatAnnotator:
     def _stream(
         self, prompts: list[list[Message]], labels: list[str], sampling: dict[str, Any] | None
     ) -> Iterator[tuple[int, Any]]:
-        """Answer ``prompts`` on a pool of threads, ``max_concurrency`` per endpoint; yield each
+        """Answer ``prompts`` on a pool of threads, each endpoint's ``max_concurrency``; yield each
         answer as it completes. Closing early (or an error) closes the HTTP clients, which ends the
         requests in flight, and waits for the threads."""
         if not prompts:
@@ -552,24 +582,26 @@ class OpenAICompatAnnotator:
                     f"plain http to {_clean_url(ep.base_url)} (not this machine); use https, or set "
                     "llm.allow_plain_http: true if that network is trusted"
                 )
-        limits = httpx.Limits(
-            max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency
-        )
         run = _Run(
             self,
             [
                 _RunEndpoint(
                     ep=ep,
                     key=keys[ep.api_key_env],
-                    client=httpx.Client(timeout=httpx.Timeout(self.timeout), limits=limits),
-                    slots=threading.BoundedSemaphore(self.max_concurrency),
+                    client=httpx.Client(
+                        timeout=httpx.Timeout(self.timeout),
+                        limits=httpx.Limits(
+                            max_connections=ep.max_concurrency, max_keepalive_connections=ep.max_concurrency
+                        ),
+                    ),
+                    slots=threading.BoundedSemaphore(ep.max_concurrency),
                 )
                 for ep in self._endpoints
             ],
             labels,
             sampling,
         )
-        workers = min(len(prompts), self.max_concurrency * len(self._endpoints))
+        workers = min(len(prompts), sum(ep.max_concurrency for ep in self._endpoints))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=WORKER_THREADS)
         try:
             pending = {pool.submit(run.answer, p): i for i, p in enumerate(prompts)}
@@ -679,13 +711,17 @@ class _Run:
         )
 
     def _pick_endpoint(self) -> _RunEndpoint:
-        """The least busy endpoint not cooling down after a 429 (round-robin among equals)."""
+        """The least busy endpoint not cooling down after a 429 (round-robin among equals). Busy is
+        requests in flight per slot, so an endpoint with 1 slot is not handed as many requests (to
+        queue on its semaphore) as one with 4 slots."""
         owner = self.owner
         with self._lock:
             now = time.monotonic()
             n = len(self.endpoints)
             order = [self.endpoints[(owner._rr + k) % n] for k in range(n)]
-            best = min(order, key=lambda e: (max(0.0, e.ep.cooldown_until - now), e.active))
+            best = min(
+                order, key=lambda e: (max(0.0, e.ep.cooldown_until - now), e.active / e.ep.max_concurrency)
+            )
             owner._rr = (self.endpoints.index(best) + 1) % n
             best.active += 1
         return best
