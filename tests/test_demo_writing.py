@@ -10,7 +10,7 @@ import pytest
 
 from freeal.annotate import label_groups
 from freeal.data import read_items
-from freeal.demos import demonstration_groups, generate_demonstrations, parse_generated
+from freeal.demos import STYLE_WORDS, demonstration_groups, excerpt, generate_demonstrations, parse_generated
 from freeal.embed import Embedder
 from freeal.errors import FreeALError
 from freeal.llm.base import Generation, Message
@@ -68,6 +68,39 @@ def test_generated_copies_duplicates_and_cross_label_repeats_are_dropped(tmp_pat
         ("Painful to sit through.", "bad"),
     ]
     assert report.dropped_copies == 1 and report.dropped_duplicates == 2 and report.calls == 4
+
+
+def test_an_excerpt_keeps_the_first_sentence_or_two_within_the_word_budget() -> None:
+    assert excerpt("Short one. Another short one. A third.") == "Short one. Another short one."
+    long_first = " ".join(["word"] * 60) + ". Next."
+    assert excerpt(long_first) == " ".join(["word"] * STYLE_WORDS) + " …"
+    assert excerpt("One sentence of five words.", words=3) == "One sentence of …"
+
+
+class Recording(Scripted):
+    """Scripted, and keeps what each call asked: its prompt and its token budget."""
+
+    def __init__(self, answers: list[str]) -> None:
+        super().__init__(answers)
+        self.asked: list[tuple[str, int]] = []
+
+    def generate_many(self, prompts, *, max_tokens, temperature, seed):  # type: ignore[no-untyped-def]
+        self.asked += [(p[-1]["content"], max_tokens) for p in prompts]
+        yield from super().generate_many(prompts, max_tokens=max_tokens, temperature=temperature, seed=seed)
+
+
+def test_long_style_texts_are_cut_and_bound_what_the_llm_may_write(tmp_path) -> None:
+    """An abstract shown as style would make the LLM write abstracts: the prompt shows its first
+    sentences only, asks for texts as short, and the token budget follows (issue 13)."""
+    sentence = "Patients treated with the drug showed marked improvement over twelve weeks of care."
+    abstract = " ".join([sentence] * 12)  # ~160 words
+    backend = Recording(["1. Fine.\n2. Good.", "1. Bad.\n2. Poor."])
+    ann = CachedAnnotator(backend, CallCache(tmp_path / "c.sqlite"))
+    generate_demonstrations(TASK, ann, [abstract], per_label=2, per_call=2, seed=0)
+    for content, max_tokens in backend.asked:
+        assert abstract not in content and f"- {sentence} {sentence}\n" in content
+        assert "Each text at most 26 words." in content
+        assert max_tokens == 2 * (2 * 26 + 16)
 
 
 def test_a_label_without_any_usable_demonstration_is_an_error(tmp_path) -> None:

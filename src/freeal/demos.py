@@ -25,6 +25,11 @@ from freeal.llm.prompts import generation_prompt
 from freeal.tasks import Task
 
 _NUMBERED = re.compile(r"^\s*(?:\d+[.):]|[-*•])\s*(.+?)\s*$")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+#: a style example is cut to its first sentence or two within this many words: it shows the
+#: register, and a whole abstract would make the LLM write (and pay for) texts as long (issue 13)
+STYLE_WORDS = 40
 
 
 def nearest_demonstrations(
@@ -79,6 +84,18 @@ def _per_label(demos: Sequence[tuple[str, str]], task: Task) -> dict[str, int]:
     return {label: sum(1 for _, lab in demos if lab == label) for label in task.label_names}
 
 
+def excerpt(text: str, words: int = STYLE_WORDS) -> str:
+    """The first sentence or two of ``text``, at most ``words`` words (cut, with "…", if the first
+    sentence alone is longer)."""
+    kept: list[str] = []
+    for sentence in _SENTENCE_END.split(text.strip())[:2]:
+        if kept and len(" ".join([*kept, sentence]).split()) > words:
+            break
+        kept.append(sentence)
+    tokens = " ".join(kept).split()
+    return " ".join(tokens[:words]) + (" …" if len(tokens) > words else "")
+
+
 def parse_generated(answer: str) -> list[str]:
     """The texts of a numbered (or bulleted) list, unquoted; lines that are not list entries dropped."""
     texts = []
@@ -117,13 +134,14 @@ def generate_demonstrations(
 ) -> tuple[list[tuple[str, str]], GenerationReport]:
     """``(text, label)`` demonstrations written by the LLM, ``per_label`` for each label if it can.
 
-    Each call shows ``style_examples`` unlabeled texts (drawn from ``style_texts`` under ``seed``) and
-    asks for ``per_call`` new texts of one label. Texts are kept when non-empty, not a (near) copy of
-    a style example (:func:`is_copy`), and not a duplicate of a text already kept
-    (compared lower-cased without punctuation, across labels too: a text written for two labels is
-    ambiguous and kept only for the first). Calls continue until the quota is met or
-    ``max_calls_per_label`` (default: twice the calls needed) is spent; a label that ends empty is
-    an error, since the prompts would never show it.
+    Each call shows ``style_examples`` unlabeled texts (drawn from ``style_texts`` under ``seed``,
+    each cut to its first sentence or two, :func:`excerpt`) and asks for ``per_call`` new texts of
+    one label, each no longer than the longest excerpt (so long texts cost a bounded number of
+    tokens). Texts are kept when non-empty, not a (near) copy of a style example (:func:`is_copy`),
+    and not a duplicate of a text already kept (compared lower-cased without punctuation, across
+    labels too: a text written for two labels is ambiguous and kept only for the first). Calls
+    continue until the quota is met or ``max_calls_per_label`` (default: twice the calls needed) is
+    spent; a label that ends empty is an error, since the prompts would never show it.
     """
     if not style_texts:
         raise FreeALError("demonstration writing needs at least one unlabeled text to show as style")
@@ -139,12 +157,15 @@ def generate_demonstrations(
             if mine >= per_label:
                 break
             pick = rng.choice(len(style_texts), size=min(style_examples, len(style_texts)), replace=False)
-            shown = [style_texts[int(i)] for i in pick]
-            prompt = generation_prompt(task, label, shown, per_call)
+            shown = [excerpt(style_texts[int(i)]) for i in pick]
+            # written texts as long as the longest excerpt: about 2 tokens a word, plus the numbering
+            words = max(len(t.split()) for t in shown)
+            prompt = generation_prompt(task, label, shown, per_call, max_words=words)
+            budget_tokens = per_call * min(80, 2 * words + 16)
             _, answer = next(
                 iter(
                     annotator.generate_many(
-                        [prompt], max_tokens=80 * per_call, temperature=temperature, seed=seed + attempt
+                        [prompt], max_tokens=budget_tokens, temperature=temperature, seed=seed + attempt
                     )
                 )
             )

@@ -37,7 +37,9 @@ def classification_prompt(
     ]
 
 
-def generation_prompt(task: Task, label: str, style_texts: Sequence[str], n: int) -> list[Message]:
+def generation_prompt(
+    task: Task, label: str, style_texts: Sequence[str], n: int, max_words: int | None = None
+) -> list[Message]:
     """Ask for ``n`` new texts of class ``label``, in the style of a few unlabeled ``style_texts``.
 
     FreeAL's initial round: the LLM writes its own demonstrations from the task and label
@@ -55,7 +57,8 @@ def generation_prompt(task: Task, label: str, style_texts: Sequence[str], n: int
                 f"Unlabeled texts from the data set, to show the style and length:\n{examples}\n\n"
                 f"Write {n} new, different texts in the same style that clearly belong to the label "
                 f'"{label}". '
-                f"Write one text per line, numbered 1. to {n}, and nothing else."
+                + (f"Each text at most {max_words} words. " if max_words else "")
+                + f"Write one text per line, numbered 1. to {n}, and nothing else."
             ),
         },
     ]
