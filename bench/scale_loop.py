@@ -1,0 +1,172 @@
+"""Issue 14: the whole loop at growing N against an OpenAI-compatible server that answers at once,
+so what is timed is freeal's own work.
+
+The server (``tests/openai_server.py``) runs in a process of its own and answers from a fixed rule
+on the text (a small sentiment lexicon), with first-token logprobs. Texts are SST-2's and MR's
+train sentences, repeated with a numbered suffix where N asks for more. Embeddings (MiniLM, for
+the loop and the SLM head) are computed before the timed run and read from the disk cache inside
+it, so embedding time is excluded, as the issue asks. Per step of the run (the ``step ...`` lines
+of ``say``): wall seconds and the peak resident memory sampled every 50 ms.
+
+    python bench/scale_loop.py --sizes 10000 30000 --out bench/results/scale_loop.json
+
+Each invocation also puts its stages into ``bench/results/scale_summary.json`` as ``loop <stage>``
+(seconds summed over the rounds, peak resident MB of the whole process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from freeal.config import LLMConfig, LoopConfig, SLMConfig
+from freeal.data import read_items
+from freeal.embed import Embedder, encoder_path
+from freeal.llm.native import cpu_name
+from freeal.loop import FreeAL
+from freeal.tasks import load_task
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY = ROOT / "bench" / "results" / "scale_summary.json"
+DATA = ROOT.parent / "shared" / "data"
+SERVER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from openai_server import FakeOpenAIServer
+POSITIVE = ("good", "great", "best", "fun", "love", "beautiful", "funny", "moving", "fine", "enjoy")
+def policy(messages):
+    text = messages[-1].lower()
+    return "positive" if any(w in text for w in POSITIVE) else "negative"
+server = FakeOpenAIServer(labels=["negative", "positive"], policy=policy).start()
+server.bodies = type("Forget", (), {{"append": staticmethod(lambda body: None)}})()
+print(server.url, flush=True)
+while True:
+    time.sleep(60)
+"""
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def texts_for(n: int) -> list[str]:
+    base = [
+        *read_items(DATA / "sst2" / "train.jsonl", label_col=None).texts,
+        *read_items(DATA / "mr" / "train.jsonl", label_col=None).texts,
+    ]
+    base = list(dict.fromkeys(base))
+    return [base[i % len(base)] + ("" if i < len(base) else f" ({i // len(base)})") for i in range(n)]
+
+
+def run(n: int, url: str, scratch: Path) -> dict:
+    task = load_task(DATA / "sst2")
+    texts = texts_for(n)
+    start = time.perf_counter()
+    Embedder(encoder_path("all-minilm-l6-v2"), device="cpu").encode(texts)
+    embedding = time.perf_counter() - start
+    stages: dict[str, dict] = {}
+    current = {"name": "start", "t": time.perf_counter()}
+    stop = threading.Event()
+
+    def say(message: str) -> None:
+        if message.startswith("step "):
+            now = time.perf_counter()
+            stages.setdefault(current["name"], {"seconds": 0.0, "peak_mb": 0.0})["seconds"] += (
+                now - current["t"]
+            )
+            current.update(name=message.removeprefix("step ").split("/")[-1], t=now)
+
+    def sample() -> None:
+        while not stop.is_set():
+            entry = stages.setdefault(current["name"], {"seconds": 0.0, "peak_mb": 0.0})
+            entry["peak_mb"] = max(entry["peak_mb"], rss_mb())
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    llm = LLMConfig(
+        backend="openai", base_url=url, model="fake", max_concurrency=16, cache_path=scratch / f"{n}.sqlite"
+    )
+    runner = FreeAL(
+        task, llm, SLMConfig(backbone="all-minilm-l6-v2"), LoopConfig(), run_dir=scratch / f"run{n}",
+        progress=False, say=say,
+    )  # fmt: skip
+    start = time.perf_counter()
+    runner.fit(texts)
+    total = time.perf_counter() - start
+    say("step end")
+    stop.set()
+    sampler.join()
+    stages.pop("end", None)
+    rounds = len(runner.report_["rounds"])
+    result = {
+        "n": n,
+        "embedding_seconds_excluded": embedding,
+        "loop_seconds": total,
+        "rounds": rounds,
+        "ms_per_text_per_round": 1000 * total / n / rounds,
+        "peak_mb": max(s["peak_mb"] for s in stages.values()),
+        "llm_requests": runner.report_["totals"]["llm_calls"],
+        "stages": stages,
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "stages"}), flush=True)
+    return result
+
+
+def summarise(results: list[dict]) -> None:
+    """The issue's summary format, ``{"loop <stage>": {"n": [...], "seconds": [...], "peak_mb": [...]}}``,
+    merged into the algorithms' entries that ``bench/scale.py`` writes."""
+    summary = json.loads(SUMMARY.read_text()) if SUMMARY.is_file() else {}
+    stages = dict.fromkeys(name for r in results for name in r["stages"] if name != "start")
+    for name in [*stages, "total"]:
+        summary[f"loop {name}"] = {
+            "n": [r["n"] for r in results],
+            "seconds": [
+                r["loop_seconds"] if name == "total" else r["stages"][name]["seconds"] for r in results
+            ],
+            "peak_mb": [r["peak_mb"] if name == "total" else r["stages"][name]["peak_mb"] for r in results],
+        }
+    SUMMARY.write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 30_000])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    code = SERVER.format(tests=str(ROOT / "tests"))
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        results = []
+        with tempfile.TemporaryDirectory() as scratch:
+            for n in args.sizes:
+                results.append(run(n, url, Path(scratch)))
+                growth = {}
+                if len(results) > 1:
+                    a, b = results[-2], results[-1]
+                    growth = {
+                        "loop_seconds": math.log(b["loop_seconds"] / a["loop_seconds"])
+                        / math.log(b["n"] / a["n"]),
+                        "peak_mb": math.log(b["peak_mb"] / a["peak_mb"]) / math.log(b["n"] / a["n"]),
+                    }
+                payload = {"machine": cpu_name(), "runs": results, "growth_exponent_last_two": growth}
+                args.out.write_text(json.dumps(payload, indent=1) + "\n")
+                summarise(results)
+    finally:
+        server.kill()
+
+
+if __name__ == "__main__":
+    main()
