@@ -119,7 +119,9 @@ def test_processes_started_by_torchrun_share_the_work_and_end_with_one_model(dat
     """Two CPU processes (gloo), as ``accelerate launch`` starts one per GPU: each trains on half of
     every batch; without the averaged gradients their weights would differ."""
     script = Path(__file__).with_name("slm_processes.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    # --standalone: torchrun picks a free port, so two test runs on one machine never collide
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launcher, str(script)]
     run = subprocess.run(
         [*command, str(data_dir / "sst2"), str(tmp_path)], capture_output=True, text=True, timeout=600
     )
