@@ -260,16 +260,17 @@ def train(
     noisy = items.given
     views = items.extra.get(views_col) if views_col else None
 
-    def show(entry: dict) -> None:
-        if os.environ.get("RANK", "0") != "0":  # under `accelerate launch`, the first process reports
-            return
-        console.print(
-            f"epoch {entry['epoch']}/{cfg.epochs}: loss {entry['loss']:.4f}, "
-            f"clean {entry['clean_fraction']:.3f}, {entry['seconds']:.1f} s"
-        )
+    slm = SLMClassifier(the_task.label_names, cfg)
 
-    slm = SLMClassifier(the_task.label_names, cfg).fit(items.texts, noisy, views=views, on_epoch=show)
-    if not slm.main_process:  # under `accelerate launch`, the first process writes the results
+    def show(entry: dict) -> None:
+        if slm.main_process:  # under `accelerate launch`, the first process reports
+            console.print(
+                f"epoch {entry['epoch']}/{cfg.epochs}: loss {entry['loss']:.4f}, "
+                f"clean {entry['clean_fraction']:.3f}, {entry['seconds']:.1f} s"
+            )
+
+    slm.fit(items.texts, noisy, views=views, on_epoch=show)
+    if not slm.main_process:  # ... and writes the results
         return
     slm.save(out / "model")
     predicted = [the_task.label_names[i] for i in slm.train_proba_.argmax(1)]

@@ -288,10 +288,19 @@ class FreeAL:
 
     def _answers(self, name: str) -> list[Any]:
         """A round's answers, a person's (``fixed``, :meth:`_read_corrections`) in place of the LLM's."""
-        answers = [r[self.kind.answer_key] for r in self._rows(name)]
+        return self._with_fixed(self._rows(name))
+
+    def _with_fixed(self, rows: list[dict]) -> list[Any]:
+        """The answers of a round's ``rows``, a person's in place of the LLM's."""
+        answers = [r[self.kind.answer_key] for r in rows]
         for i, answer in self.fixed.items():
             answers[i] = answer
         return answers
+
+    def _kappa(self, signatures: Sequence[str | None], fit: list[dict]) -> float | None:
+        """How well the SLM (its held-out predictions ``fit``) reproduces the LLM's answers: Cohen's
+        kappa; near 0 it learned nothing from them."""
+        return agreement_kappa(signatures, [self.kind.signature(p["predicted"]) for p in fit])
 
     def _read_corrections(self) -> dict[int, Any]:
         """Answers people gave (``freeal import``), by item position. They are fixed for every
@@ -524,7 +533,7 @@ class FreeAL:
         # Can the SLM learn the LLM's answers at all? Chance-level agreement (kappa) between the two
         # says the answers carry little signal, and demonstrations drawn from them would only teach
         # the LLM its own bias: then refinery asks no one.
-        result["kappa"] = agreement_kappa(signatures, [self.kind.signature(p["predicted"]) for p in fit])
+        result["kappa"] = self._kappa(signatures, fit)
         if not problem and result["kappa"] is not None and result["kappa"] < cfg.min_kappa:
             problem = (
                 f"the SLM reproduces the LLM's answers no better than chance (kappa {result['kappa']:.2f} < "
@@ -557,10 +566,7 @@ class FreeAL:
         weight = cfg.slm_weight if cfg.final_label == "combined" else 0.0
         # An SLM that reproduces the LLM's last answers no better than chance learned nothing from
         # them (an annotator near chance: BENCHMARKS.md); weighing it in would only add its noise.
-        kappa = agreement_kappa(
-            [self.kind.signature(a) for a in self._answers(f"round-{last}/llm")],
-            [self.kind.signature(p["predicted"]) for p in rounds[-1][1]],
-        )
+        kappa = self._kappa([self.kind.signature(a) for a in self._with_fixed(rows)], rounds[-1][1])
         if weight and kappa is not None and kappa < cfg.min_kappa:
             self.say(f"final labels: the SLM learned the LLM's answers no better than chance ({kappa:.2f})")
             weight = 0.0

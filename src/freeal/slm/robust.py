@@ -113,11 +113,11 @@ class RobustTrainer(ABC):
 
     def _step(self, loss: torch.Tensor) -> None:
         """One optimizer step on ``loss``, with the gradients averaged across processes."""
+        if self.world == 1 and not loss.requires_grad:
+            return  # nothing in this batch to learn from
         self._optimizer.zero_grad()
         if loss.requires_grad:
             loss.backward()
-        elif self.world == 1:
-            return
         if self.world > 1:  # every process joins the average, also one whose share was empty
             from accelerate.utils import reduce
 
