@@ -187,7 +187,9 @@ class SLMClassifier(RobustTrainer):
         self._y = y
         self._y_t = torch.as_tensor(y, device=self.device)
         self._labeled = np.flatnonzero(y >= 0)
-        lr = cfg.lr or (1e-3 if cfg.mode == "head" else 3e-5)
+        head = cfg.mode == "head"
+        self._batch_size = cfg.batch_size or (128 if head else 32)
+        lr = cfg.lr or (3e-3 if head else 3e-5)
         self._optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=0.01)
         self._beta = torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha)
         self._rng = np.random.default_rng(cfg.seed)
@@ -228,8 +230,8 @@ class SLMClassifier(RobustTrainer):
         order = self._rng.permutation(used)
         sums = {"loss": 0.0, "ce": 0.0, "mixup": 0.0, "consistency": 0.0}
         steps = 0
-        for start in range(0, len(order), cfg.batch_size):
-            idx = self._share(order[start : start + cfg.batch_size])
+        for start in range(0, len(order), self._batch_size):
+            idx = self._share(order[start : start + self._batch_size])
             c_idx, n_idx = idx[clean[idx]], idx[~clean[idx]]
             loss = self._batch_loss(c_idx, n_idx, view, ramp, sums)
             self._step(loss)

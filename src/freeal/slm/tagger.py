@@ -204,8 +204,9 @@ class SLMTagger(RobustTrainer):
         steps = 0
         is_labeled = np.zeros(len(words), dtype=bool)
         is_labeled[labeled] = True
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
+        batch_size = cfg.batch_size or 32
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
             batch, firsts = self._encode([words[i] for i in idx])
             logits = self.net(batch)
             y = self._targets([given[i] for i in idx], firsts, logits.shape[1])
