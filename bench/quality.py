@@ -102,11 +102,15 @@ def weight_sensitivity(run: dict, weights: tuple[float, ...] = (0, 0.25, 0.5, 1,
     seed, n = run["seed"], int(run["report"]["items"])
     items = read(DATA / run["dataset"] / "train.jsonl", task=task, limit=n, seed=seed)
     folder = Path(run["report"]["run_dir"])
-    last = run["report"]["final"]["round"]
-    rows = read_jsonl(folder / f"round-{last}/llm/labels.jsonl")
-    fits = read_jsonl(folder / f"round-{last}/slm/predictions.jsonl")
+    rounds = [
+        (
+            read_jsonl(folder / f"round-{r}/llm/labels.jsonl"),
+            read_jsonl(folder / f"round-{r}/slm/predictions.jsonl"),
+        )
+        for r in range(run["report"]["final"]["round"] + 1)
+    ]
     kind = kind_of(task)
-    return {str(w): score(kind.score(items.gold, kind.combine(items, rows, fits, w)[0])) for w in weights}
+    return {str(w): score(kind.score(items.gold, kind.combine(items, rounds, w)[0])) for w in weights}
 
 
 def summarise(results: Path) -> dict:

@@ -5,8 +5,11 @@ The server (``tests/openai_server.py``) runs in a process of its own and answers
 on the text (a small sentiment lexicon), with first-token logprobs. Texts are SST-2's and MR's
 train sentences, repeated with a numbered suffix where N asks for more. Embeddings (MiniLM, for
 the loop and the SLM head) are computed before the timed run and read from the disk cache inside
-it, so embedding time is excluded, as the issue asks. Per step of the run (the ``step ...`` lines
-of ``say``): wall seconds and the peak resident memory sampled every 50 ms.
+it, so embedding time is excluded, as the issue asks. Each size runs in a fresh process (and its
+embeddings in one before it), so no size's memory is left in another's figures. Per step of the run
+(the ``step ...`` lines of ``say``): wall seconds and the peak resident memory sampled every 50 ms;
+``base_mb`` is the process's memory before the run starts (interpreter, torch, the encoder's
+configuration), so what the run itself holds is ``peak_mb - base_mb``.
 
     python bench/scale_loop.py --sizes 10000 30000 --out bench/results/scale_loop.json
 
@@ -68,12 +71,17 @@ def texts_for(n: int) -> list[str]:
     return [base[i % len(base)] + ("" if i < len(base) else f" ({i // len(base)})") for i in range(n)]
 
 
+def embed(n: int) -> float:
+    """Seconds to put the texts' MiniLM vectors into the disk cache (a read when already there)."""
+    start = time.perf_counter()
+    Embedder(encoder_path("all-minilm-l6-v2"), device="cpu").encode(texts_for(n))
+    return time.perf_counter() - start
+
+
 def run(n: int, url: str, scratch: Path) -> dict:
     task = load_task(DATA / "sst2")
     texts = texts_for(n)
-    start = time.perf_counter()
-    Embedder(encoder_path("all-minilm-l6-v2"), device="cpu").encode(texts)
-    embedding = time.perf_counter() - start
+    base = rss_mb()
     stages: dict[str, dict] = {}
     current = {"name": "start", "t": time.perf_counter()}
     stop = threading.Event()
@@ -111,7 +119,7 @@ def run(n: int, url: str, scratch: Path) -> dict:
     rounds = len(runner.report_["rounds"])
     result = {
         "n": n,
-        "embedding_seconds_excluded": embedding,
+        "base_mb": base,
         "loop_seconds": total,
         "rounds": rounds,
         "ms_per_text_per_round": 1000 * total / n / rounds,
@@ -119,7 +127,6 @@ def run(n: int, url: str, scratch: Path) -> dict:
         "llm_requests": runner.report_["totals"]["llm_calls"],
         "stages": stages,
     }
-    print(json.dumps({k: v for k, v in result.items() if k != "stages"}), flush=True)
     return result
 
 
@@ -139,11 +146,27 @@ def summarise(results: list[dict]) -> None:
     SUMMARY.write_text(json.dumps(summary, indent=1) + "\n")
 
 
+def child(*args: str) -> dict:
+    """The last line of this script run with ``args`` in a fresh process, as JSON."""
+    out = subprocess.run([sys.executable, __file__, *args], check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 30_000])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--embed", type=int, help=argparse.SUPPRESS)  # a child: embed N texts
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # a child: N, server URL, scratch
     args = parser.parse_args()
+    if args.embed:
+        print(json.dumps({"seconds": embed(args.embed)}))
+        return
+    if args.one:
+        print(json.dumps(run(int(args.one[0]), args.one[1], Path(args.one[2]))))
+        return
+    if args.out is None:
+        parser.error("--out is needed")
     code = SERVER.format(tests=str(ROOT / "tests"))
     server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -152,15 +175,21 @@ def main() -> None:
         results = []
         with tempfile.TemporaryDirectory() as scratch:
             for n in args.sizes:
-                results.append(run(n, url, Path(scratch)))
+                embedding = child("--embed", str(n))["seconds"]
+                results.append(
+                    {**child("--one", str(n), url, scratch), "embedding_seconds_excluded": embedding}
+                )
+                print(json.dumps({k: v for k, v in results[-1].items() if k != "stages"}), flush=True)
                 growth = {}
                 if len(results) > 1:
                     a, b = results[-2], results[-1]
                     growth = {
-                        "loop_seconds": math.log(b["loop_seconds"] / a["loop_seconds"])
-                        / math.log(b["n"] / a["n"]),
-                        "peak_mb": math.log(b["peak_mb"] / a["peak_mb"]) / math.log(b["n"] / a["n"]),
+                        key: math.log(b[key] / a[key]) / math.log(b["n"] / a["n"])
+                        for key in ("loop_seconds", "peak_mb")
                     }
+                    growth["run_mb"] = math.log(
+                        (b["peak_mb"] - b["base_mb"]) / (a["peak_mb"] - a["base_mb"])
+                    ) / math.log(b["n"] / a["n"])
                 payload = {"machine": cpu_name(), "runs": results, "growth_exponent_last_two": growth}
                 args.out.write_text(json.dumps(payload, indent=1) + "\n")
                 summarise(results)
