@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,13 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: the loopback server's share of the 2 cores,
+    which the loop's wall time includes but which is no work of freeal's."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def texts_for(n: int) -> list[str]:
@@ -176,9 +184,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             for n in args.sizes:
                 embedding = child("--embed", str(n))["seconds"]
-                results.append(
-                    {**child("--one", str(n), url, scratch), "embedding_seconds_excluded": embedding}
+                server_start = cpu_seconds(server.pid)
+                result = child("--one", str(n), url, scratch)
+                server_cpu = cpu_seconds(server.pid) - server_start
+                result.update(
+                    embedding_seconds_excluded=embedding,
+                    server_cpu_seconds=server_cpu,
+                    ms_per_text_per_round_without_llm_stage=1000
+                    * (result["loop_seconds"] - result["stages"]["llm"]["seconds"])
+                    / n
+                    / result["rounds"],
                 )
+                results.append(result)
                 print(json.dumps({k: v for k, v in results[-1].items() if k != "stages"}), flush=True)
                 growth = {}
                 if len(results) > 1:

@@ -189,9 +189,16 @@ def test_killed_run_resumes_without_repeating_llm_calls(step, finished, slice_, 
     result = resumed.fit(items, test=test)
     assert killed.ledger.calls + again.ledger.calls == full.ledger.calls
     assert killed.ledger.calls > 0
-    pd.testing.assert_frame_equal(
-        result[["id", "label", "round_changed"]], frame[["id", "label", "round_changed"]]
-    )
+    # Batched scoring equals one-by-one scoring only to numerical tolerance, and the texts answered
+    # after the kill share a decode with other texts than in the uninterrupted run: the LLM's answers
+    # must be the same and its probabilities close; a final label may differ only on a near tie
+    # (seen: one TREC text at 0.25 confidence among six labels, LLM probability 0.231 against 0.240).
+    columns = ["id", "llm_label", "round_changed"]
+    pd.testing.assert_frame_equal(result[columns], frame[columns])
+    llm = [pd.to_numeric(f["llm_confidence"]).to_numpy(dtype=float) for f in (result, frame)]
+    assert np.allclose(*llm, atol=0.02, equal_nan=True)
+    differ = (result["label"] != frame["label"]).to_numpy()
+    assert differ.sum() <= 1 and (frame["confidence"].to_numpy()[differ] < 0.5).all()
 
 
 def test_a_run_folder_refuses_other_settings(finished, slice_, smollm2):

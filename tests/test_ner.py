@@ -376,11 +376,14 @@ loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size:
     assert len(labels) == 12 and all(r["tags"] is None or len(r["tags"]) == len(r["tokens"]) for r in labels)
 
 
-def test_initial_round_defaults_to_zero_shot_and_the_backbone_to_the_kind(data_dir):
+def test_initial_round_backbone_and_slm_weight_default_to_the_kind(data_dir):
     ner = FreeAL(TASK, progress=False)
     classification = FreeAL(load_task(data_dir / "sst2"), progress=False)
     assert ner.loop_config.initial_demos == "none"
     assert classification.loop_config.initial_demos == "none"
+    # the tagger's vote outweighs the LLM's on NER; a classifier's probabilities weigh half
+    assert (ner.loop_config.slm_weight, classification.loop_config.slm_weight) == (2.0, 0.5)
+    assert FreeAL(TASK, loop=LoopConfig(slm_weight=0.25), progress=False).loop_config.slm_weight == 0.25
     assert ner.slm_config.backbone == "all-minilm-l6-v2"
     assert classification.slm_config.backbone == "all-mpnet-base-v2"
     for device, encoder in (("cpu", "all-minilm-l6-v2"), ("cuda", "all-mpnet-base-v2")):

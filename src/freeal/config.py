@@ -186,10 +186,11 @@ class LoopConfig(BaseModel):
     ``refine``: which items refinery asks again: ``noisy`` (the paper: those the SLM's loss split
     calls noisy) or ``disagree`` (those whose SLM prediction, held out when cross-fitted, differs
     from the LLM's answer).
-    ``final_label``: ``combined`` (each item's label is the one the LLM's and the SLM's
-    probabilities make most probable together, the SLM's raised to ``slm_weight``; its probability
-    is the confidence) or ``llm`` (the LLM's last answer, the paper). Kinds whose SLM gives no
-    probabilities (NER) keep the LLM's answer.
+    ``final_label``: ``combined`` (the LLM's answers weighed with the SLM's: for a classifier the
+    label the LLM's and the SLM's probabilities make most probable together, the SLM's raised to
+    ``slm_weight``, its probability the confidence; for NER a vote of every round's entity lists,
+    each tagger prediction weighing ``slm_weight`` against the LLM's 1) or ``llm`` (the LLM's last
+    answer, the paper). ``slm_weight`` unset: per kind (classification 0.5, NER 2; BENCHMARKS.md).
     ``min_kappa``: refinery asks no one when the SLM's (held-out) predictions agree with the LLM's
     answers no better than this Cohen's kappa: answers a model cannot learn carry little signal,
     and demonstrations drawn from them would feed the LLM its own bias. The final labels then leave
@@ -216,7 +217,7 @@ class LoopConfig(BaseModel):
     zero_shot_baseline: bool = False
     refine: Literal["noisy", "disagree"] = "noisy"
     final_label: Literal["combined", "llm"] = "combined"
-    slm_weight: float = Field(default=0.5, ge=0)
+    slm_weight: float | None = Field(default=None, ge=0)
     min_kappa: float = Field(default=0.2, ge=-1, le=1)
     seed: int = 0
 

@@ -146,13 +146,15 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
-    """Write ``rows`` as JSONL with :func:`write_text_atomic`; NumPy values become plain JSON."""
+    """Write ``rows`` as JSONL with :func:`write_text_atomic`, one line at a time (a million rows
+    never become one string in memory); NumPy values become plain JSON."""
     lines = (json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows)
-    return write_text_atomic(path, "".join(lines))
+    return write_text_atomic(path, lines)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` so that ``path`` holds either the old or the whole new content.
+def write_text_atomic(path: str | os.PathLike[str], text: str | Iterable[str]) -> Path:
+    """Write ``text`` (a string, or pieces of one written as they come) so that ``path`` holds
+    either the old or the whole new content.
 
     The text goes to a temporary file in the same folder, which then replaces ``path`` in one
     ``os.replace``; a run killed halfway leaves no truncated result file behind to be mistaken for
@@ -163,7 +165,10 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+            if isinstance(text, str):
+                fh.write(text)
+            else:
+                fh.writelines(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

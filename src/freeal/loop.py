@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pandas as pd
@@ -145,6 +145,8 @@ class FreeAL:
         loop = loop or LoopConfig()
         if loop.initial_demos == "auto":  # resolved here, so the run's fingerprint names the choice
             loop = loop.model_copy(update={"initial_demos": self.kind.initial_demos})
+        if loop.slm_weight is None:  # the same: per kind, named in the fingerprint
+            loop = loop.model_copy(update={"slm_weight": self.kind.slm_weight})
         self.loop_config = loop
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._annotator = annotator
@@ -554,19 +556,20 @@ class FreeAL:
         return result
 
     # -- the final labels -------------------------------------------------------------------------
+    def _round(self, r: int) -> tuple[list[dict], list[dict]]:
+        """Round ``r``'s LLM rows and SLM predictions, as :meth:`_final` weighs them."""
+        return self._rows(f"round-{r}/llm"), read_jsonl(self._path(f"round-{r}/slm") / "predictions.jsonl")
+
     def _final(self, last: int) -> dict:
         """Each item's final answer and confidence: the LLM's last answer weighed with the SLM's
         (:meth:`~freeal.kinds.base.TaskKind.combine`), or the LLM's alone (``final_label: llm``)."""
         cfg = self.loop_config
-        rounds = [
-            (self._rows(f"round-{r}/llm"), read_jsonl(self._path(f"round-{r}/slm") / "predictions.jsonl"))
-            for r in range(last + 1)
-        ]
-        rows = rounds[-1][0]
-        weight = cfg.slm_weight if cfg.final_label == "combined" else 0.0
+        rounds = _Rounds(self._round, last + 1)
+        rows, fits = rounds[-1]
+        weight = (cfg.slm_weight or 0.0) if cfg.final_label == "combined" else 0.0
         # An SLM that reproduces the LLM's last answers no better than chance learned nothing from
         # them (an annotator near chance: BENCHMARKS.md); weighing it in would only add its noise.
-        kappa = self._kappa([self.kind.signature(a) for a in self._with_fixed(rows)], rounds[-1][1])
+        kappa = self._kappa([self.kind.signature(a) for a in self._with_fixed(rows)], fits)
         if weight and kappa is not None and kappa < cfg.min_kappa:
             self.say(f"final labels: the SLM learned the LLM's answers no better than chance ({kappa:.2f})")
             weight = 0.0
@@ -600,8 +603,7 @@ class FreeAL:
         from freeal.report import collect, write_html
 
         last = self._summary("final")["round"]
-        rows = self._rows(f"round-{last}/llm")
-        fit_rows = read_jsonl(self._path(f"round-{last}/slm") / "predictions.jsonl")
+        rows, fit_rows = self._round(last)
         answers = read_jsonl(self._path("final") / "answers.jsonl")
         key = self.kind.answer_key
         final, confidence = [a[key] for a in answers], [a["confidence"] for a in answers]
@@ -611,13 +613,43 @@ class FreeAL:
         corrections = read_corrections(self._path(""))
         if corrections:  # a person's answers (freeal import) are the final labels where given
             frame = pd.DataFrame(apply_corrections(self.task, frame.to_dict("records"), corrections))
-        write_jsonl_atomic(self._path("labels.jsonl"), frame.to_dict("records"))
+        records = (
+            dict(zip(frame.columns, row, strict=True)) for row in frame.itertuples(index=False, name=None)
+        )
+        write_jsonl_atomic(self._path("labels.jsonl"), records)  # row by row: no second copy in memory
         self.report_ = collect(self._path(""))
         write_text_atomic(self._path("report.json"), json.dumps(self.report_, indent=2, default=_plain))
         write_html(self.report_, self._path("report.html"))
         self.slm_ = self.kind.load_model(self._path(f"round-{last}/slm") / "model", self.slm_config.device)
         self.labels_ = frame
         return frame
+
+
+class _Rounds(Sequence[tuple[list[dict], list[dict]]]):
+    """Every round's LLM rows and SLM predictions, each read from the run folder when first asked
+    for and then held: a kind that weighs only the last round (classification) never holds the
+    others in memory (a few KB per text each at a million texts)."""
+
+    def __init__(self, read: Callable[[int], tuple[list[dict], list[dict]]], n: int) -> None:
+        self._read, self._n = read, n
+        self._held: dict[int, tuple[list[dict], list[dict]]] = {}
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[list[dict], list[dict]]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[list[dict], list[dict]]]: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._n))]
+        if not -self._n <= index < self._n:
+            raise IndexError(index)
+        index %= self._n
+        if index not in self._held:
+            self._held[index] = self._read(index)
+        return self._held[index]
 
 
 def agreement_kappa(first: Sequence[str | None], second: Sequence[str | None]) -> float | None:

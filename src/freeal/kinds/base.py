@@ -70,6 +70,8 @@ class TaskKind(ABC):
     answer_key: ClassVar[str]
     #: what ``initial_demos: auto`` means for this kind (``generated`` or ``none``)
     initial_demos: ClassVar[str]
+    #: what ``slm_weight`` unset means for this kind: the SLM's weight in the final labels
+    slm_weight: ClassVar[float]
     #: what one item is called in messages
     unit: ClassVar[str]
 
