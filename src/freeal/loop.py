@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -564,7 +564,7 @@ class FreeAL:
         """Each item's final answer and confidence: the LLM's last answer weighed with the SLM's
         (:meth:`~freeal.kinds.base.TaskKind.combine`), or the LLM's alone (``final_label: llm``)."""
         cfg = self.loop_config
-        rounds = _Rounds(self._round, last + 1)
+        rounds = [self._round(r) for r in range(last + 1)]
         rows, fits = rounds[-1]
         weight = (cfg.slm_weight or 0.0) if cfg.final_label == "combined" else 0.0
         # An SLM that reproduces the LLM's last answers no better than chance learned nothing from
@@ -623,33 +623,6 @@ class FreeAL:
         self.slm_ = self.kind.load_model(self._path(f"round-{last}/slm") / "model", self.slm_config.device)
         self.labels_ = frame
         return frame
-
-
-class _Rounds(Sequence[tuple[list[dict], list[dict]]]):
-    """Every round's LLM rows and SLM predictions, each read from the run folder when first asked
-    for and then held: a kind that weighs only the last round (classification) never holds the
-    others in memory (a few KB per text each at a million texts)."""
-
-    def __init__(self, read: Callable[[int], tuple[list[dict], list[dict]]], n: int) -> None:
-        self._read, self._n = read, n
-        self._held: dict[int, tuple[list[dict], list[dict]]] = {}
-
-    def __len__(self) -> int:
-        return self._n
-
-    @overload
-    def __getitem__(self, index: int) -> tuple[list[dict], list[dict]]: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[tuple[list[dict], list[dict]]]: ...
-    def __getitem__(self, index: int | slice) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self._n))]
-        if not -self._n <= index < self._n:
-            raise IndexError(index)
-        index %= self._n
-        if index not in self._held:
-            self._held[index] = self._read(index)
-        return self._held[index]
 
 
 def agreement_kappa(first: Sequence[str | None], second: Sequence[str | None]) -> float | None:
