@@ -462,3 +462,20 @@ def test_an_endpoint_may_carry_its_own_limits():
         FreeALError, match=r"^run\.yaml: endpoints\.0\.max_concurrency: .*greater than or equal to 1"
     ):
         validate(LLMConfig, bad, "run.yaml")
+
+
+def test_vectors_stored_from_elsewhere_are_what_encode_returns(tmp_path, monkeypatch):
+    """Vectors computed elsewhere, stored in chunks, are served from the cache without encoding;
+    a count that does not match the texts is refused and leaves no file."""
+    from freeal.embed import Embedder
+
+    monkeypatch.setenv("FREEAL_CACHE_DIR", str(tmp_path))
+    texts = [f"text {i}" for i in range(5)]
+    given = np.eye(5, 8, dtype=np.float32)
+    embedder = Embedder(device="cpu")
+    embedder.store(texts, (given[i : i + 2] for i in range(0, 5, 2)))
+    monkeypatch.setattr(Embedder, "_model_encode", lambda self, t: pytest.fail("encoded again"))
+    assert np.array_equal(embedder.encode(texts), given)
+    with pytest.raises(FreeALError, match="4 vectors given for 5 texts"):
+        embedder.store([f"other {i}" for i in range(5)], [given[:4]])
+    assert len(list(tmp_path.rglob("*.npy"))) == 1

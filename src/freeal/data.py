@@ -23,7 +23,7 @@ import numbers
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -142,7 +142,13 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     Errors name the file and the line, like :func:`read_items`.
     """
-    return _read_jsonl(Path(path)).rows
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The objects of a JSONL file one at a time, as :func:`read_jsonl` reads them: for a reader
+    that keeps a field or two of each row, not the rows."""
+    return (obj for _, obj in _numbered_rows(Path(path)))
 
 
 def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
@@ -278,21 +284,42 @@ def _decode(path: Path, raw: bytes, unit: str) -> str:
 
 
 def _read_jsonl(path: Path) -> _Table:
-    text = _decode(path, _read_bytes(path), unit="row")
     rows: list[dict[str, Any]] = []
     rownums: list[int] = []
-    for n, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FreeALError(f"{path}: row {n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(obj, dict):
-            raise FreeALError(f"{path}: row {n}: not a JSON object (got {_describe(obj)})")
+    for n, obj in _numbered_rows(path):
         rows.append(obj)
         rownums.append(n)
     return _Table(str(path), rows, rownums, columns=None)
+
+
+def _numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line, read line by line: a run file of a million
+    rows is never one string in memory. Errors name the file and the line."""
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise FreeALError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+    with fh:
+        for n, raw in enumerate(fh, start=1):
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FreeALError(
+                    f"{path}: row {n}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}); save the file as UTF-8"
+                ) from exc
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                message = f"not valid JSON ({exc.msg} at column {exc.colno})"
+                raise FreeALError(f"{path}: row {n}: {message}") from exc
+            if not isinstance(obj, dict):
+                raise FreeALError(f"{path}: row {n}: not a JSON object (got {_describe(obj)})")
+            yield n, obj
 
 
 def _parse_json_list(path: Path, text: str) -> _Table:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -180,29 +180,45 @@ class Embedder:
             memo.update(zip(texts, vectors, strict=True))
         return vectors
 
+    def store(self, texts: Sequence[str], vectors: Iterable[np.ndarray]) -> Path:
+        """Put vectors computed elsewhere (another process, a GPU machine, a service) into the disk
+        cache as this encoder's vectors of ``texts``, so that a run finds them instead of encoding:
+        ``vectors`` in row chunks of any size, in the texts' order, unit-normalized by the caller."""
+        if self.cache_dir is None:
+            raise FreeALError("this Embedder has no disk cache (cache=False): nothing to store into")
+        return self._write(self.cache_dir / f"{self._key(texts)}.npy", len(texts), vectors)
+
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors of ``texts``: on disk, memory-mapped, when cached (so a million texts' vectors
         need no memory of their own), computed in chunks written straight to the file otherwise."""
-        path = self.cache_dir / f"{self._key(texts)}.npy" if self.cache_dir else None
-        if path is not None and path.is_file():
-            return np.load(path, mmap_mode="r")
-        if path is None:
+        if not texts or self.cache_dir is None:
             return self._model_encode(texts)
+        path = self.cache_dir / f"{self._key(texts)}.npy"
+        if not path.is_file():
+            starts = range(0, len(texts), self.CHUNK)
+            self._write(path, len(texts), (self._model_encode(texts[s : s + self.CHUNK]) for s in starts))
+        return np.load(path, mmap_mode="r")
+
+    @staticmethod
+    def _write(path: Path, n: int, chunks: Iterable[np.ndarray]) -> Path:
+        """Rows written chunk by chunk into a temporary file renamed into place: a killed run
+        leaves no half file, and two processes never share a temporary file."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")  # two processes never share a temp file
-        out = None
-        for start in range(0, len(texts), self.CHUNK):
-            vectors = self._model_encode(texts[start : start + self.CHUNK])
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        out, start = None, 0
+        for chunk in chunks:
             if out is None:
-                shape = (len(texts), vectors.shape[1])
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-            out[start : start + len(vectors)] = vectors
-        if out is None:  # no texts
-            return self._model_encode(texts)
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, chunk.shape[1]))
+            out[start : start + len(chunk)] = chunk
+            start += len(chunk)
+        if out is None or start != n:
+            del out
+            tmp.unlink(missing_ok=True)
+            raise FreeALError(f"{start} vectors given for {n} texts")
         out.flush()
         del out
         tmp.replace(path)
-        return np.load(path, mmap_mode="r")
+        return path
 
     def _model_encode(self, texts: Sequence[str]) -> np.ndarray:
         return (

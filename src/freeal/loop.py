@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -36,7 +36,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from freeal.config import LLMConfig, LoopConfig, SLMConfig, cache_root, run_key
-from freeal.data import read_jsonl, write_jsonl_atomic, write_text_atomic
+from freeal.data import iter_jsonl, read_jsonl, write_jsonl_atomic, write_text_atomic
 from freeal.demos import demonstration_groups
 from freeal.embed import Embedder
 from freeal.errors import FreeALError
@@ -290,9 +290,9 @@ class FreeAL:
 
     def _answers(self, name: str) -> list[Any]:
         """A round's answers, a person's (``fixed``, :meth:`_read_corrections`) in place of the LLM's."""
-        return self._with_fixed(self._rows(name))
+        return self._with_fixed(iter_jsonl(self._path(name) / "labels.jsonl"))
 
-    def _with_fixed(self, rows: list[dict]) -> list[Any]:
+    def _with_fixed(self, rows: Iterable[dict]) -> list[Any]:
         """The answers of a round's ``rows``, a person's in place of the LLM's."""
         answers = [r[self.kind.answer_key] for r in rows]
         for i, answer in self.fixed.items():
@@ -348,7 +348,7 @@ class FreeAL:
         )
         return [(ask[members], [demos[j] for j in picked]) for members, picked in found]
 
-    def _write_round(self, name: str, rows: list[dict], groups: list[Group], notes: list[dict]) -> None:
+    def _write_round(self, name: str, rows: Iterable[dict], groups: list[Group], notes: list[dict]) -> None:
         write_jsonl_atomic(self._path(name) / "labels.jsonl", rows)
         write_jsonl_atomic(
             self._path(name) / "groups.jsonl",
@@ -373,7 +373,7 @@ class FreeAL:
         fresh = self._ask(
             groups, self.llm_config.calibrate, "zero-shot" if round_changed is None else "round 0"
         )
-        rows = [
+        rows = (
             {
                 "id": self.items.ids[i],
                 self.kind.answer_key: fresh.values[i],
@@ -383,7 +383,7 @@ class FreeAL:
                 "round_changed": round_changed,
             }
             for i in range(len(self.items))
-        ]
+        )
         self._write_round(name, rows, groups, fresh.group_notes)
         return {"asked": int(fresh.asked.sum()), **fresh.stats, "metrics": self._score(fresh.values)}
 
@@ -425,27 +425,27 @@ class FreeAL:
         fresh = self._ask(groups, calibrate, f"round {r}")
         merged = self.kind.merge(previous, fresh, self.loop_config.refined_label)
         key = self.kind.answer_key
-        rows = []
-        for i, (old, new) in enumerate(zip(previous, merged, strict=True)):
-            changed = bool(fresh.asked[i] and new[key] != old[key])
-            rows.append(
-                {
-                    **old,
-                    **new,
-                    "asked": bool(fresh.asked[i]),
-                    "changed": changed,
-                    "round_changed": r if changed else old["round_changed"],
-                }
-            )
+        answers = [row[key] for row in merged]
+        changed = np.asarray([answers[i] != old[key] for i, old in enumerate(previous)], dtype=bool)
+        changed &= np.asarray(fresh.asked, dtype=bool)
+        rows = (  # written as made: a million rows are never a third list in memory
+            {
+                **old,
+                **new,
+                "asked": bool(fresh.asked[i]),
+                "changed": bool(changed[i]),
+                "round_changed": r if changed[i] else old["round_changed"],
+            }
+            for i, (old, new) in enumerate(zip(previous, merged, strict=True))
+        )
         self._write_round(f"round-{r}/llm", rows, groups, fresh.group_notes)
-        answers = [row[key] for row in rows]
         result = {
             "round": r,
             "calibrated": calibrate == "on",
             "asked": int(fresh.asked.sum()),
             "groups": len(groups),
-            "changed": sum(row["changed"] for row in rows),
-            "changed_share": float(np.mean([row["changed"] for row in rows])),
+            "changed": int(changed.sum()),
+            "changed_share": float(changed.mean()) if len(changed) else float("nan"),
             **fresh.stats,
             "metrics": self._score(answers),
         }
@@ -471,7 +471,7 @@ class FreeAL:
         fit.model.save(folder / "model")
         write_jsonl_atomic(
             folder / "predictions.jsonl",
-            [
+            (
                 {
                     "id": self.items.ids[i],
                     "predicted": fit.predicted[i],
@@ -483,7 +483,7 @@ class FreeAL:
                     "probs": fit.probs[i] if fit.probs is not None else None,
                 }
                 for i in range(len(self.items))
-            ],
+            ),
         )
         result: dict = {"round": r, "epochs": fit.epoch_log, "noisy_share": float(1 - fit.clean.mean())}
         if self.gold is not None:
@@ -564,7 +564,7 @@ class FreeAL:
         """Each item's final answer and confidence: the LLM's last answer weighed with the SLM's
         (:meth:`~freeal.kinds.base.TaskKind.combine`), or the LLM's alone (``final_label: llm``)."""
         cfg = self.loop_config
-        rounds = [self._round(r) for r in range(last + 1)]
+        rounds = [self._round(r) for r in (range(last + 1) if self.kind.weighs_every_round else [last])]
         rows, fits = rounds[-1]
         weight = (cfg.slm_weight or 0.0) if cfg.final_label == "combined" else 0.0
         # An SLM that reproduces the LLM's last answers no better than chance learned nothing from

@@ -29,10 +29,20 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _lines(path: Path) -> list[dict]:
-    from freeal.data import read_jsonl
+def _columns(path: Path, *keys: str) -> dict[str, list[Any]]:
+    """Some fields of every row of a JSONL file (missing fields: None), not the rows: a report of a
+    million texts keeps a label and a number per text and round. Equal label strings share one object."""
+    from freeal.data import iter_jsonl
 
-    return read_jsonl(path) if path.is_file() else []
+    out: dict[str, list[Any]] = {k: [] for k in keys}
+    if not path.is_file():
+        return out
+    shared: dict[str, str] = {}
+    for row in iter_jsonl(path):
+        for k in keys:
+            value = row.get(k)
+            out[k].append(shared.setdefault(value, value) if isinstance(value, str) else value)
+    return out
 
 
 def _histogram(values: list[float | None]) -> list[int] | None:
@@ -66,28 +76,29 @@ def collect(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     spec = _read(run_dir / "run.json") or {}
     kind = KINDS.get(spec.get("task", {}).get("kind", "classification"), KINDS["classification"])
+    key = kind.answer_key
     rounds: list[dict[str, Any]] = []
-    answers: list[list[dict]] = []
-    fit: list[dict] = []
+    answers: list[list[Any]] = []  # each round's answers, in items.jsonl's order
+    llm_confidence: list[float | None] = []  # the last round's
+    fit: dict[str, list[Any]] = {"predicted": [], "confidence": []}  # the last SLM's
     r = 0
     while (llm := _read(run_dir / f"round-{r}/llm/step.json")) is not None:
-        answers.append(_lines(run_dir / f"round-{r}/llm/labels.jsonl"))
-        fit = _lines(run_dir / f"round-{r}/slm/predictions.jsonl")
+        given = _columns(run_dir / f"round-{r}/llm/labels.jsonl", key, "confidence")
+        answers.append(given[key])
+        llm_confidence = given["confidence"]
+        fit = _columns(run_dir / f"round-{r}/slm/predictions.jsonl", "predicted", "confidence", "agree")
         rounds.append(
             {
                 "round": r,
                 "llm": llm,
                 "slm": _read(run_dir / f"round-{r}/slm/step.json"),
                 "feedback": _read(run_dir / f"round-{r}/feedback/step.json"),
-                "agreement": sum(p["agree"] for p in fit) / len(fit) if fit else None,
-                "confidence": {
-                    "LLM": _histogram([row.get("confidence") for row in answers[-1]]),
-                    "SLM": _histogram([p["confidence"] for p in fit]),
-                },
+                "agreement": sum(fit["agree"]) / len(fit["agree"]) if fit["agree"] else None,
+                "confidence": {"LLM": _histogram(llm_confidence), "SLM": _histogram(fit["confidence"])},
             }
         )
         r += 1
-    final = _lines(run_dir / "final/answers.jsonl")
+    final = _columns(run_dir / "final/answers.jsonl", key, "confidence")
     steps: list[dict[str, Any]] = [
         s
         for s in (
@@ -107,8 +118,14 @@ def collect(run_dir: str | Path) -> dict:
         "demos": _read(run_dir / "demos/step.json"),
         "rounds": rounds,
         "final": _read(run_dir / "final/step.json"),
-        "final_confidence": _histogram([a.get("confidence") for a in final]),
-        "examples": _examples(_lines(run_dir / "items.jsonl"), kind.answer_key, answers, fit, final),
+        "final_confidence": _histogram(final["confidence"]),
+        "examples": _examples(
+            run_dir / "items.jsonl",
+            [_stage(r) for r in range(len(answers))] + (["final"] if final[key] else []),
+            [*answers, final[key]] if final[key] else answers,
+            fit["predicted"],
+            [("final labels", final["confidence"]), ("SLM", fit["confidence"]), ("LLM", llm_confidence)],
+        ),
         "totals": {
             "seconds": sum(s["seconds"] for s in steps),
             "llm_calls": sum(u.get("calls", 0) for u in usage),
@@ -120,43 +137,46 @@ def collect(run_dir: str | Path) -> dict:
 
 
 def _examples(
-    items: list[dict], key: str, answers: list[list[dict]], fit: list[dict], final: list[dict]
+    items_path: Path,
+    names: list[str],
+    stages: list[list[Any]],
+    slm: list[Any],
+    confidences: list[tuple[str, list[Any]]],
 ) -> dict:
-    """The texts to check first, with their labels stage by stage: the least confident labels
-    (confidence of the final labels, else of the last SLM or LLM, whichever the run has) and those
-    whose label changed most often. Rows of every file are in ``items.jsonl``'s order."""
-    stages = [*answers, final] if final else answers
-    names = [_stage(r) for r in range(len(answers))] + (["final"] if final else [])
+    """The texts to check first, with their answers stage by stage (``stages``: each round's, then
+    the final ones when made): the least confident labels (``confidences``: the first source that
+    has any, e.g. the final labels', else the last SLM's or LLM's) and those whose label changed
+    most often. Every list is in ``items.jsonl``'s order; only the texts shown are read whole."""
+    from freeal.data import iter_jsonl
+
+    n = sum(1 for _ in iter_jsonl(items_path)) if items_path.is_file() else 0
     source, confidence = next(
-        (
-            (name, [row.get("confidence") for row in rows])
-            for name, rows in (("final labels", final), ("SLM", fit), ("LLM", answers[-1] if answers else []))
-            if any(row.get("confidence") is not None for row in rows)
-        ),
-        (None, [None] * len(items)),
+        ((name, values) for name, values in confidences if any(v is not None for v in values)),
+        (None, [None] * n),
     )
-    records = []
-    for i, item in enumerate(items if all(len(s) == len(items) for s in stages) else []):
-        tokens = item.get("tokens")
-        trail = [_show(rows[i][key], tokens) for rows in stages]
-        records.append(
-            {
+    known = [c if c is not None else float("nan") for c in confidence]
+    usable = n > 0 and all(len(s) == n for s in stages) and len(confidence) == n
+    changes = [sum(a[i] != b[i] for a, b in pairwise(stages)) for i in range(n)] if usable else []
+    least = sorted((i for i in range(len(changes)) if confidence[i] is not None), key=lambda i: known[i])
+    most = sorted((i for i, c in enumerate(changes) if c), key=lambda i: (-changes[i], confidence[i] or 1.0))
+    shown = {*least[:EXAMPLES], *most[:EXAMPLES]}
+    records: dict[int, dict] = {}
+    for i, item in enumerate(iter_jsonl(items_path) if shown else ()):
+        if i in shown:
+            tokens = item.get("tokens")
+            records[i] = {
                 "id": item["id"],
                 "text": item["text"] if "text" in item else " ".join(tokens or []),
-                "labels": trail,
-                "changes": sum(a != b for a, b in pairwise(trail)),
-                "slm": _show(fit[i]["predicted"], tokens) if fit else None,
+                "labels": [_show(s[i], tokens) for s in stages],
+                "changes": changes[i],
+                "slm": _show(slm[i], tokens) if len(slm) == n else None,
                 "confidence": confidence[i],
             }
-        )
-    known = [x for x in records if x["confidence"] is not None]
     return {
         "stages": names,
         "confidence_of": source,
-        "least_confident": sorted(known, key=lambda x: x["confidence"])[:EXAMPLES],
-        "most_changed": sorted(
-            (x for x in records if x["changes"]), key=lambda x: (-x["changes"], x["confidence"] or 1.0)
-        )[:EXAMPLES],
+        "least_confident": [records[i] for i in least[:EXAMPLES]],
+        "most_changed": [records[i] for i in most[:EXAMPLES]],
     }
 
 

@@ -105,8 +105,9 @@ class SLMClassifier(RobustTrainer):
     def _inputs(self, texts: Sequence[str]) -> torch.Tensor | list[str]:
         """Head mode: the embeddings, computed once; finetune mode: the texts, tokenized per batch."""
         if self.config.mode == "head":
-            # a copy: cached vectors are a read-only memory map of the file
-            return torch.from_numpy(np.array(self._embedder.encode(texts))).to(self.device)
+            vectors = self._embedder.encode(texts)
+            # cached vectors are a read-only memory map of the file: copied; others are the model's own
+            return torch.from_numpy(vectors if vectors.flags.writeable else np.array(vectors)).to(self.device)
         return list(texts)
 
     def _batch(
@@ -197,6 +198,7 @@ class SLMClassifier(RobustTrainer):
         self._clean[self._labeled] = True
         history = self._run_epochs(on_epoch)
         self._finish(self._source, y, history)
+        del self._source, self._fixed_views, self._texts, self._views  # training inputs: n × d floats
         return self
 
     # -- the hooks of the robust schedule --------------------------------------------------------------
