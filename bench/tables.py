@@ -235,7 +235,44 @@ def slm_on_final_labels() -> None:
     (RESULTS / "final_slm_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
+def scale_loop() -> None:
+    """The whole loop at growing N (``bench/scale_loop.py``): seconds per stage, per text per
+    round, and run memory, with the growth exponent between the last two sizes."""
+    import math
+
+    runs = json.loads((RESULTS / "scale_loop.json").read_text())["runs"]
+    a, b = runs[-2], runs[-1]
+
+    def growth(x: float, y: float) -> str:
+        return f"{math.log(y / x) / math.log(b['n'] / a['n']):.2f}"
+
+    sizes = " | ".join(f"{r['n']:,} texts" for r in runs)
+    print(f"| stage | {sizes} | growth exponent ({a['n']:,} → {b['n']:,}) |")
+    print("|---|" + "---|" * (len(runs) + 1))
+    names = {"llm": "LLM calls (client and loopback server)", "slm": "SLM (6 head fits per round)"}
+    for stage in ("llm", "slm", "feedback", "final"):
+        cells = [
+            f"{r['stages'][stage]['seconds']:.1f} s ({r['stages'][stage]['peak_mb']:,.0f} MB)" for r in runs
+        ]
+        x, y = a["stages"][stage]["seconds"], b["stages"][stage]["seconds"]
+        print(f"| {names.get(stage, stage)} | " + " | ".join(cells) + f" | {growth(x, y)} |")
+    rows = {
+        "**whole loop**": lambda r: r["loop_seconds"],
+        "ms per text per round": lambda r: r["ms_per_text_per_round"],
+        "the same, loopback server's CPU taken out": lambda r: (
+            1000 * (r["loop_seconds"] - r["server_cpu_seconds"]) / r["n"] / r["rounds"]
+        ),
+        "the same, LLM stage taken out": lambda r: r["ms_per_text_per_round_without_llm_stage"],
+        "run memory, MB (peak − base)": lambda r: r["peak_mb"] - r["base_mb"],
+    }
+    for name, value in rows.items():
+        cells = " | ".join(f"{value(r):,.2f}" for r in runs)
+        per_text = name.startswith(("ms", "the same"))  # a rate: its growth says nothing of N
+        print(f"| {name} | {cells} | {'–' if per_text else growth(value(a), value(b))} |")
+
+
 if __name__ == "__main__":
+    scale_loop()
     quality()
     slm_on_final_labels()
     quality("paper")

@@ -292,6 +292,22 @@ def test_two_endpoints_both_used_with_their_keys(monkeypatch: pytest.MonkeyPatch
     assert a.url.removesuffix("/v1") in ann.identity and b.url.removesuffix("/v1") in ann.identity
 
 
+def test_requests_run_only_a_few_per_worker_ahead_of_the_reader() -> None:
+    """A million prompts are not all queued at once (each queued one holds a future and then its
+    answer until read): while the reader pauses after its first answer, at most 4 per worker
+    (and the one that answer freed) are sent; the rest follow as it reads on."""
+    texts = [f"{TEXTS[i % 4][0]} (item {i})" for i in range(400)]
+    with server() as srv:
+        stream = annotator(srv.url, max_concurrency=2).score_many([prompt(t) for t in texts], LABELS)
+        first = next(stream)
+        time.sleep(0.5)  # a zero-latency server answers hundreds in this time if let
+        sent_while_paused = srv.requests
+        rest = list(stream)
+    assert sent_while_paused <= 4 * 2 + 1
+    assert sorted([first[0], *(i for i, _ in rest)]) == list(range(400))
+    assert srv.requests == 400 and no_worker_threads()
+
+
 def test_each_endpoint_keeps_its_own_concurrency(tmp_path) -> None:
     """One slot on one server, four on the other (the run-wide bound is 2), set in the run config:
     neither ever has more requests in flight than its own bound, the roomier one goes past 2 and

@@ -84,7 +84,6 @@ class LlamaCppAnnotator:
             bos_token=self._token_text(self.llm.token_bos()),
             add_generation_prompt=True,
         )
-        self._n_vocab = self.llm.n_vocab()
         self.identity = f"llamacpp:{name or path.name}"
         self.supports_grammar = True
         self._label_tokens: dict[str, list[int]] = {}

@@ -63,8 +63,6 @@ MODELS: dict[str, EmbeddedModel] = {
     )
 }
 
-DEFAULT_MODEL = "qwen2.5-coder-1.5b"
-
 
 def _package_dir(module: str, model: EmbeddedModel) -> Path:
     spec = importlib.util.find_spec(module)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.utils
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -603,10 +604,18 @@ class OpenAICompatAnnotator:
         )
         workers = min(len(prompts), sum(ep.max_concurrency for ep in self._endpoints))
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=WORKER_THREADS)
+        queued = iter(enumerate(prompts))
         try:
-            pending = {pool.submit(run.answer, p): i for i, p in enumerate(prompts)}
-            for done in as_completed(pending):
-                yield pending[done], done.result()
+            # A few requests per worker queued at a time, not all of them: a million submitted at
+            # once would hold a future and its answer each until the last one is read.
+            pending = {pool.submit(run.answer, p): i for i, p in itertools.islice(queued, 4 * workers)}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = pending.pop(future)
+                    for j, p in itertools.islice(queued, 1):
+                        pending[pool.submit(run.answer, p)] = j
+                    yield i, future.result()
         finally:
             run.stopped = True
             for endpoint in run.endpoints:
