@@ -201,6 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
     owner: FakeOpenAIServer
     timeout = 10  # socket timeout: no handler waits forever on a silent client
     server_version = "FakeOpenAI/1.0"
+    _in_flight = False  # this handler's request counted in the owner's in_flight
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -213,6 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
+        self._answered()
         self.wfile.write(data)
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
@@ -227,13 +229,21 @@ class _Handler(BaseHTTPRequestHandler):
             owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
             owner.request_times.append(time.monotonic())
             owner.auth_headers.append(self.headers.get("Authorization"))
+        self._in_flight = True
         try:
             self._handle()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout): nothing to answer
         finally:
-            with owner._lock:
-                owner.in_flight -= 1
+            self._answered()
+
+    def _answered(self) -> None:
+        """The request stops counting as in flight just before its answer's last bytes go out: once
+        the client has them it may send its next request, which must not find this one counted."""
+        if self._in_flight:
+            self._in_flight = False
+            with self.owner._lock:
+                self.owner.in_flight -= 1
 
     def _handle(self) -> None:
         owner = self.owner
@@ -274,6 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/html")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
+            self._answered()
             self.wfile.write(data)
             return
         if name == "slow":
