@@ -359,3 +359,29 @@ def test_each_labeled_row_keeps_its_own_raw_scores(scripted_llm, tmp_path):
     annotator = CachedAnnotator(llm, CallCache(tmp_path / "c.sqlite"))
     frame = label_groups(task, texts, annotator, [(range(3), ())], calibrate="off", progress=False)
     assert frame["log_scores"].tolist() == [[-3.0, 0.0], [0.0, -3.0], [-3.0, 0.0]]
+
+
+def test_prompts_are_built_as_the_backend_reads_them(scripted_llm, tmp_path, monkeypatch):
+    """A pass builds each prompt when the backend reads it, not all of them first: at a million
+    texts every prompt holds its group's demonstrations, and a list of them all filled gigabytes."""
+    import freeal.annotate as annotate
+    from freeal.tasks import Task
+
+    built = []
+    make = annotate.classification_prompt
+    monkeypatch.setattr(annotate, "classification_prompt", lambda *a, **k: built.append(1) or make(*a, **k))
+    seen_at_answer = []
+
+    class Counting(scripted_llm):  # type: ignore[misc, valid-type]
+        def score_many(self, prompts, labels):  # type: ignore[no-untyped-def]
+            for answer in super().score_many(prompts, labels):
+                seen_at_answer.append(len(built))
+                yield answer
+
+    task = Task(name="s", description="Sentiment.", labels={"negative": "bad", "positive": "good"})
+    texts = [f"good fun {i}" for i in range(50)]
+    annotator = CachedAnnotator(Counting(lambda text, labels: "positive"), CallCache(tmp_path / "c.sqlite"))
+    frame = annotate.label_groups(task, texts, annotator, [(range(50), ())], calibrate="off", progress=False)
+    assert frame["label"].tolist() == ["positive"] * 50
+    # the cache key reads every prompt once up front (then drops it); the backend's reads follow
+    assert seen_at_answer[0] <= 50 + 1 < seen_at_answer[-1]

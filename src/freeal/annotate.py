@@ -16,7 +16,7 @@ import pandas as pd
 
 from freeal.config import Calibration, LLMConfig
 from freeal.data import Items, read_items
-from freeal.llm.base import LabelScores, log_softmax, softmax
+from freeal.llm.base import LabelScores, LazyPrompts, Message, log_softmax, softmax
 from freeal.llm.cache import CachedAnnotator
 from freeal.llm.prompts import CONTENT_FREE_INPUTS, classification_prompt
 from freeal.progress import progress_bar
@@ -101,21 +101,22 @@ def label_groups(
     """
     labels = task.label_names
     calib = calibrate != "off"
-    prompts: list[list] = []
-    slots: list[tuple[int, int]] = []  # (group, item position or -1 for a content-free input)
-    for g, (members, demos) in enumerate(groups):
-        if calib:
-            for text in CONTENT_FREE_INPUTS:
-                prompts.append(classification_prompt(task, text, demos))
-                slots.append((g, -1))
-        for i in members:
-            prompts.append(classification_prompt(task, texts[i], demos))
-            slots.append((g, int(i)))
+    # what each prompt asks: (group, item position, or -1 - k for content-free input k)
+    neutral = np.arange(-1, -1 - len(CONTENT_FREE_INPUTS), -1) if calib else np.zeros(0, dtype=np.int64)
+    asks = [np.concatenate([neutral, np.asarray(members, dtype=np.int64)]) for members, _ in groups]
+    item_of = np.concatenate(asks) if asks else np.zeros(0, dtype=np.int64)
+    group_of = np.repeat(np.arange(len(groups)), [len(a) for a in asks])
+
+    def prompt(j: int) -> list[Message]:
+        i = int(item_of[j])
+        text = texts[i] if i >= 0 else CONTENT_FREE_INPUTS[-1 - i]
+        return classification_prompt(task, text, groups[group_of[j]][1])
+
     answers: dict[int, LabelScores] = {}
     free: list[list[list[float]]] = [[] for _ in groups]
-    stream = annotator.score_many(prompts, labels)
-    for j, answer in progress_bar(stream, len(prompts), description, progress):
-        g, i = slots[j]
+    stream = annotator.score_many(LazyPrompts(len(item_of), prompt), labels)
+    for j, answer in progress_bar(stream, len(item_of), description, progress):
+        g, i = int(group_of[j]), int(item_of[j])
         if i >= 0:
             answers[i] = answer
         elif answer.scores:

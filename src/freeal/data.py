@@ -268,14 +268,15 @@ def _read_bytes(path: Path) -> bytes:
         raise FreeALError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
 
 
-def _decode(path: Path, raw: bytes, unit: str) -> str:
-    """UTF-8 text of a whole file (a leading BOM dropped); a bad byte is reported with its line."""
+def _decode(path: Path, raw: bytes, unit: str, first: int = 1) -> str:
+    """UTF-8 text of a whole file, or of the one line numbered ``first`` (a leading BOM dropped); a
+    bad byte is reported with its line and column."""
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8) :]
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
+        line = first + raw.count(b"\n", 0, exc.start)
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise FreeALError(
             f"{path}: {unit} {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {col}); "
@@ -301,15 +302,7 @@ def _numbered_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise FreeALError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
     with fh:
         for n, raw in enumerate(fh, start=1):
-            if n == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise FreeALError(
-                    f"{path}: row {n}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
-                    f"{exc.start + 1}); save the file as UTF-8"
-                ) from exc
+            line = _decode(path, raw, "row", n)
             if not line.strip():
                 continue
             try:

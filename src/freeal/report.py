@@ -149,7 +149,7 @@ def _examples(
     most often. Every list is in ``items.jsonl``'s order; only the texts shown are read whole."""
     from freeal.data import iter_jsonl
 
-    n = sum(1 for _ in iter_jsonl(items_path)) if items_path.is_file() else 0
+    n = _count_rows(items_path)
     source, confidence = next(
         ((name, values) for name, values in confidences if any(v is not None for v in values)),
         (None, [None] * n),
@@ -178,6 +178,14 @@ def _examples(
         "least_confident": [records[i] for i in least[:EXAMPLES]],
         "most_changed": [records[i] for i in most[:EXAMPLES]],
     }
+
+
+def _count_rows(path: Path) -> int:
+    """The items in a JSONL file (its non-blank lines), counted without parsing them: 0 if absent."""
+    if not path.is_file():
+        return 0
+    with path.open("rb") as fh:
+        return sum(1 for line in fh if line.strip())
 
 
 def score(metrics: dict | None) -> float | None:

@@ -9,14 +9,38 @@ server), so the rest of freeal only sees this module.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol, TypedDict
+from typing import Protocol, TypedDict, overload
 
 
 class Message(TypedDict):
     role: str
     content: str
+
+
+class LazyPrompts(Sequence[list["Message"]]):
+    """``n`` prompts, each built by ``build(j)`` when read. A prompt is read once or twice (for its
+    cache key, then for its request), so a million prompts, each holding its group's
+    demonstrations, never sit in memory together."""
+
+    def __init__(self, n: int, build: Callable[[int], list[Message]]) -> None:
+        self._n = n
+        self._build = build
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, j: int) -> list[Message]: ...
+    @overload
+    def __getitem__(self, j: slice) -> list[list[Message]]: ...
+    def __getitem__(self, j: int | slice) -> list[Message] | list[list[Message]]:
+        if isinstance(j, slice):
+            return [self._build(k) for k in range(*j.indices(self._n))]
+        if not -self._n <= j < self._n:
+            raise IndexError(j)
+        return self._build(j % self._n)
 
 
 @dataclass

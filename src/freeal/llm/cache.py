@@ -20,7 +20,7 @@ from typing import TypeVar
 from filelock import FileLock
 
 from freeal.errors import FreeALError
-from freeal.llm.base import Annotator, Generation, LabelScores, Message
+from freeal.llm.base import Annotator, Generation, LabelScores, LazyPrompts, Message
 
 A = TypeVar("A", LabelScores, Generation)
 
@@ -167,7 +167,7 @@ class CachedAnnotator:
         yield from self._through_cache(
             keys,
             LabelScores.from_json,
-            lambda todo: self.inner.score_many([prompts[i] for i in todo], labels),
+            lambda todo: self.inner.score_many(LazyPrompts(len(todo), lambda k: prompts[todo[k]]), labels),
         )
 
     def generate_many(
@@ -189,7 +189,7 @@ class CachedAnnotator:
             keys,
             Generation.from_json,
             lambda todo: self.inner.generate_many(
-                [prompts[i] for i in todo],
+                LazyPrompts(len(todo), lambda k: prompts[todo[k]]),
                 max_tokens=max_tokens,
                 temperature=temperature,
                 seed=seed,

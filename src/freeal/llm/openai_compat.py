@@ -548,7 +548,6 @@ class OpenAICompatAnnotator:
             raise FreeALError(
                 f"OpenAI-compatible annotator: labels must be non-empty and distinct ignoring case: {labels}."
             )
-        prompts = [list(p) for p in prompts]
         return self._stream(prompts, labels, None)
 
     def generate_many(
@@ -565,10 +564,10 @@ class OpenAICompatAnnotator:
         if grammars is not None:
             raise FreeALError("OpenAI-compatible annotator: grammar-constrained answers are not supported")
         sampling = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-        return self._stream([list(p) for p in prompts], [], sampling)
+        return self._stream(prompts, [], sampling)
 
     def _stream(
-        self, prompts: list[list[Message]], labels: list[str], sampling: dict[str, Any] | None
+        self, prompts: Sequence[list[Message]], labels: list[str], sampling: dict[str, Any] | None
     ) -> Iterator[tuple[int, Any]]:
         """Answer ``prompts`` on a pool of threads, each endpoint's ``max_concurrency``; yield each
         answer as it completes. Closing early (or an error) closes the HTTP clients, which ends the
@@ -608,13 +607,13 @@ class OpenAICompatAnnotator:
         try:
             # A few requests per worker queued at a time, not all of them: a million submitted at
             # once would hold a future and its answer each until the last one is read.
-            pending = {pool.submit(run.answer, p): i for i, p in itertools.islice(queued, 4 * workers)}
+            pending = {pool.submit(run.answer, list(p)): i for i, p in itertools.islice(queued, 4 * workers)}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     i = pending.pop(future)
                     for j, p in itertools.islice(queued, 1):
-                        pending[pool.submit(run.answer, p)] = j
+                        pending[pool.submit(run.answer, list(p))] = j
                     yield i, future.result()
         finally:
             run.stopped = True

@@ -155,7 +155,12 @@ class SLMTagger(RobustTrainer):
             raise FreeALError("no sentence has tags: the tagger has nothing to learn from")
         given = [list(t) if t is not None else ["O"] * len(w) for t, w in zip(tags, words, strict=True)]
         self._words, self._given, self._labeled = words, given, labeled
-        self._optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr or 1e-4, weight_decay=0.01)
+        self._optimizer = torch.optim.AdamW(
+            self.net.parameters(),
+            lr=cfg.lr or 1e-4,
+            weight_decay=0.01,
+            foreach=True,  # see SLMClassifier
+        )
         self._rng = np.random.default_rng(cfg.seed)
         self._token_clean: list[np.ndarray] = [np.ones(len(w), dtype=bool) for w in words]
         self._sentence_clean = np.zeros(len(words), dtype=bool)
