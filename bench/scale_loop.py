@@ -13,8 +13,10 @@ configuration), so what the run itself holds is ``peak_mb - base_mb``.
 
     python bench/scale_loop.py --sizes 10000 30000 --out bench/results/scale_loop.json
 
-Each invocation also puts its stages into ``bench/results/scale_summary.json`` as ``loop <stage>``
-(seconds summed over the rounds, peak resident MB of the whole process).
+``--rerun`` redoes the sizes given and keeps ``--out``'s runs of the others (a size whose run was
+disturbed, redone alone). Each invocation also puts its stages into
+``bench/results/scale_summary.json`` as ``loop <stage>`` (seconds summed over the rounds, peak
+resident MB of the whole process).
 """
 
 from __future__ import annotations
@@ -196,6 +198,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 30_000])
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--rerun", action="store_true", help="keep --out's runs of other sizes (to redo one size alone)"
+    )
     parser.add_argument("--embed", type=int, help=argparse.SUPPRESS)  # a child: embed N texts
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # a child: N, server URL, scratch
     args = parser.parse_args()
@@ -212,7 +217,8 @@ def main() -> None:
     try:
         assert server.stdout is not None
         url = server.stdout.readline().strip()
-        results = []
+        kept = json.loads(args.out.read_text())["runs"] if args.rerun and args.out.is_file() else []
+        results = [r for r in kept if r["n"] not in args.sizes]
         with tempfile.TemporaryDirectory() as scratch:
             for n in args.sizes:
                 embedding = child("--embed", str(n))["seconds"]
@@ -227,8 +233,8 @@ def main() -> None:
                     / n
                     / result["rounds"],
                 )
-                results.append(result)
-                print(json.dumps({k: v for k, v in results[-1].items() if k != "stages"}), flush=True)
+                results = sorted([*results, result], key=lambda r: r["n"])
+                print(json.dumps({k: v for k, v in result.items() if k != "stages"}), flush=True)
                 growth = {}
                 if len(results) > 1:
                     a, b = results[-2], results[-1]
