@@ -88,7 +88,8 @@ def test_cross_fitting_disagrees_with_labels_a_model_would_memorise(data_dir):
     }
     own = kind.train(items, given, SLMConfig(**base, cross_fit=0, lr=3e-3), lambda _: None)
     held = kind.train(items, given, SLMConfig(**base, cross_fit=4, lr=3e-3), lambda _: None)
-    assert held.probs is not None and len(held.probs) == len(items)
+    assert held.proba is not None and held.proba.shape == (len(items), 2)
+    assert held.probs(0) == pytest.approx(dict(zip(task.label_names, held.proba[0], strict=True)))
     own_agree = own.agree[flipped].mean()
     held_agree = held.agree[flipped].mean()
     assert held_agree < own_agree - 0.2

@@ -300,13 +300,18 @@ def test_combined_refinery_label_needs_the_new_answer_to_outweigh_the_old():
             "log_scores": [[1, 2], [1, 3], [2, 1], None],
         },
     )
-    out = kind.merge(previous, fresh, "combined")
+    out = [kind.merge(old, fresh, i, "combined") for i, old in enumerate(previous)]
     assert [r["label"] for r in out] == ["a", "b", "a", "b"]  # weak new "b" loses to a strong old "a"
     assert out[0]["probs"]["a"] == pytest.approx(0.27 / 0.34)
     assert out[1]["confidence"] == pytest.approx(0.36 / 0.42)
     assert out[2]["probs"] == {"a": 0.9, "b": 0.1}  # not asked: untouched
     assert out[3] == {k: previous[3][k] for k in ("label", "confidence", "probs", "log_scores")}  # abstained
-    assert [r["label"] for r in kind.merge(previous, fresh, "new")] == ["b", "b", "a", "b"]
+    assert [kind.merge(old, fresh, i, "new")["label"] for i, old in enumerate(previous)] == [
+        "b",
+        "b",
+        "a",
+        "b",
+    ]
 
 
 def test_disagree_refinery_asks_where_the_held_out_slm_differs(slice_, smollm2, tmp_path):

@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -409,7 +409,6 @@ class FreeAL:
         return {"round": 0, **result, "groups": len(groups), "changed_share": 1.0}
 
     def _refine(self, r: int) -> dict:
-        previous = self._rows(f"round-{r - 1}/llm")
         where = {item_id: i for i, item_id in enumerate(self.items.ids)}
         folder = self._path(f"round-{r - 1}/feedback")
         ask = np.asarray([where[row["id"]] for row in read_jsonl(folder / "noisy.jsonl")], dtype=np.int64)
@@ -423,22 +422,30 @@ class FreeAL:
         if calibrate == "auto":
             calibrate = "on" if self._summary("round-0/llm").get("calibrated") else "off"
         fresh = self._ask(groups, calibrate, f"round {r}")
-        merged = self.kind.merge(previous, fresh, self.loop_config.refined_label)
         key = self.kind.answer_key
-        answers = [row[key] for row in merged]
-        changed = np.asarray([answers[i] != old[key] for i, old in enumerate(previous)], dtype=bool)
-        changed &= np.asarray(fresh.asked, dtype=bool)
-        rows = (  # written as made: a million rows are never a third list in memory
-            {
-                **old,
-                **new,
-                "asked": bool(fresh.asked[i]),
-                "changed": bool(changed[i]),
-                "round_changed": r if changed[i] else old["round_changed"],
-            }
-            for i, (old, new) in enumerate(zip(previous, merged, strict=True))
-        )
-        self._write_round(f"round-{r}/llm", rows, groups, fresh.group_notes)
+        answers: list[Any] = []
+        before: list[Any] = []  # the last round's answers, kept only to score against gold
+        changed = np.zeros(len(self.items), dtype=bool)
+
+        def rows() -> Iterator[dict]:
+            """The last round's rows merged with the new answers, one at a time: a million rows are
+            read, merged and written without two rounds of them in memory."""
+            last = iter_jsonl(self._path(f"round-{r - 1}/llm") / "labels.jsonl")
+            for i, old in zip(range(len(changed)), last, strict=True):
+                new = self.kind.merge(old, fresh, i, self.loop_config.refined_label)
+                changed[i] = bool(fresh.asked[i]) and new[key] != old[key]
+                answers.append(new[key])
+                if self.gold is not None:
+                    before.append(old[key])
+                yield {
+                    **old,
+                    **new,
+                    "asked": bool(fresh.asked[i]),
+                    "changed": bool(changed[i]),
+                    "round_changed": r if changed[i] else old["round_changed"],
+                }
+
+        self._write_round(f"round-{r}/llm", rows(), groups, fresh.group_notes)
         result = {
             "round": r,
             "calibrated": calibrate == "on",
@@ -450,10 +457,10 @@ class FreeAL:
             "metrics": self._score(answers),
         }
         if self.gold is not None:
-            before, after = self._right([row[key] for row in previous]), self._right(answers)
-            result["fixed"] = int((after & ~before).sum())
-            result["broken"] = int((before & ~after).sum())
-            result["asked_accuracy_before"] = float(before[ask].mean()) if len(ask) else None
+            was_right, now_right = self._right(before), self._right(answers)
+            result["fixed"] = int((now_right & ~was_right).sum())
+            result["broken"] = int((was_right & ~now_right).sum())
+            result["asked_accuracy_before"] = float(was_right[ask].mean()) if len(ask) else None
         return result
 
     # -- SLM step and feedback --------------------------------------------------------------------
@@ -480,7 +487,7 @@ class FreeAL:
                     "clean": bool(fit.clean[i]),
                     "clean_prob": float(fit.clean_prob[i]),
                     "mean_loss": None if np.isnan(fit.mean_loss[i]) else float(fit.mean_loss[i]),
-                    "probs": fit.probs[i] if fit.probs is not None else None,
+                    "probs": fit.probs(i),
                 }
                 for i in range(len(self.items))
             ),

@@ -47,8 +47,9 @@ class SLMFit:
     """A trained SLM and what the loop needs of it, per training item: its prediction (an answer of
     the kind), confidence, whether it reproduces the LLM's answer, the clean/noisy split and the
     loss averaged over epochs (``NaN`` where the item had no answer to learn). With cross-fitting
-    the prediction, confidence, agreement and ``probs`` (per label, or ``None`` for a kind without
-    them) come from models that did not train on the item."""
+    the prediction, confidence, agreement and probabilities come from models that did not train on
+    the item. ``proba`` holds the probabilities as one (items × ``labels``) array, ``None`` for a kind
+    without them: a dict per item would cost a quarter of a gigabyte at a million texts."""
 
     model: Any
     predicted: list[Any]
@@ -58,7 +59,14 @@ class SLMFit:
     clean_prob: np.ndarray
     mean_loss: np.ndarray
     epoch_log: list[dict]
-    probs: list[dict[str, float] | None] | None = None
+    proba: np.ndarray | None = None
+    labels: list[str] = field(default_factory=list)
+
+    def probs(self, i: int) -> dict[str, float] | None:
+        """Item ``i``'s probability per label (``None`` for a kind without them)."""
+        if self.proba is None:
+            return None
+        return dict(zip(self.labels, map(float, self.proba[i]), strict=True))
 
 
 class TaskKind(ABC):
@@ -146,10 +154,11 @@ class TaskKind(ABC):
         """Ask the LLM about the items of ``groups``, each group with its demonstrations."""
 
     @abstractmethod
-    def merge(self, previous: list[dict], fresh: Answers, rule: str) -> list[dict]:
-        """The rows of a refinery round: ``previous`` rows (``labels.jsonl``) where the item was not
-        asked or the LLM gave no answer (an abstention never erases a label), else the new answer
-        combined with the old one by ``rule`` (``combined``/``new``). Only answer fields are set."""
+    def merge(self, old: dict, fresh: Answers, i: int, rule: str) -> dict:
+        """Item ``i``'s answer fields after a refinery round: its ``old`` row's (``labels.jsonl``)
+        where it was not asked or the LLM gave no answer (an abstention never erases a label), else
+        the new answer combined with the old one by ``rule`` (``combined``/``new``). One row at a
+        time, so that a round of a million rows streams from the last round's file to the next."""
 
     # -- the SLM ----------------------------------------------------------------------------------
     @abstractmethod

@@ -145,32 +145,25 @@ class Classification(TaskKind):
             stats={"calibrated": frame.attrs["calibrated"]},
         )
 
-    def merge(self, previous: list[dict], fresh: Answers, rule: str) -> list[dict]:
-        names = self.task.label_names
-        out = []
-        for i, old in enumerate(previous):
-            new_label = fresh.values[i]
-            if not fresh.asked[i] or new_label is None:  # not asked, or abstained: keep the label
-                out.append({k: old[k] for k in ("label", "confidence", "probs", "log_scores")})
-                continue
-            row = {
-                "label": new_label,
-                **{k: fresh.columns[k][i] for k in ("confidence", "probs", "log_scores")},
-            }
-            old_p, new_p = old.get("probs"), row["probs"]
-            if rule == "combined" and isinstance(old_p, dict) and isinstance(new_p, dict):
-                # the label the two answers make most probable together: a label changes only when
-                # the new prompt outweighs the old one (raw log_scores stay the new answer's)
-                joint = np.asarray([old_p[n] * new_p[n] for n in names], dtype=np.float64)
-                joint = joint / joint.sum() if joint.sum() > 0 else np.full(len(names), 1 / len(names))
-                best = int(np.argmax(joint))
-                row.update(
-                    label=names[best],
-                    confidence=float(joint[best]),
-                    probs=dict(zip(names, joint.tolist(), strict=True)),
-                )
-            out.append(row)
-        return out
+    def merge(self, old: dict, fresh: Answers, i: int, rule: str) -> dict:
+        new_label = fresh.values[i]
+        if not fresh.asked[i] or new_label is None:  # not asked, or abstained: keep the label
+            return {k: old[k] for k in ("label", "confidence", "probs", "log_scores")}
+        row = {"label": new_label, **{k: fresh.columns[k][i] for k in ("confidence", "probs", "log_scores")}}
+        old_p, new_p = old.get("probs"), row["probs"]
+        if rule == "combined" and isinstance(old_p, dict) and isinstance(new_p, dict):
+            # the label the two answers make most probable together: a label changes only when the
+            # new prompt outweighs the old one (raw log_scores stay the new answer's)
+            names = self.task.label_names
+            joint = np.asarray([old_p[n] * new_p[n] for n in names], dtype=np.float64)
+            joint = joint / joint.sum() if joint.sum() > 0 else np.full(len(names), 1 / len(names))
+            best = int(np.argmax(joint))
+            row.update(
+                label=names[best],
+                confidence=float(joint[best]),
+                probs=dict(zip(names, joint.tolist(), strict=True)),
+            )
+        return row
 
     # -- the SLM ----------------------------------------------------------------------------------
     def train(
@@ -202,7 +195,8 @@ class Classification(TaskKind):
             clean_prob=model.clean_prob_,
             mean_loss=model.mean_loss_,
             epoch_log=model.epoch_log,
-            probs=[dict(zip(names, map(float, row), strict=True)) for row in proba],
+            proba=proba,
+            labels=names,
         )
 
     def _held_out(self, texts: list[str], labels: list[Any], cfg: SLMConfig, embedder: Any) -> np.ndarray:

@@ -177,11 +177,8 @@ class NER(TaskKind):
             stats=found.stats(),
         )
 
-    def merge(self, previous: list[dict], fresh: Answers, rule: str) -> list[dict]:
-        return [
-            {"spans": fresh.values[i] if fresh.asked[i] and fresh.values[i] is not None else old["spans"]}
-            for i, old in enumerate(previous)
-        ]
+    def merge(self, old: dict, fresh: Answers, i: int, rule: str) -> dict:
+        return {"spans": fresh.values[i] if fresh.asked[i] and fresh.values[i] is not None else old["spans"]}
 
     # -- the SLM ----------------------------------------------------------------------------------
     @staticmethod
