@@ -4,7 +4,9 @@ Starts ``freeal serve MODEL`` (llama-cpp-python's OpenAI-compatible server) on l
 texts through it twice — asking the whole answer (``score_tokens`` = ``max_tokens`` = 16, how freeal
 asked before) and asking only the few tokens scoring needs (``score_tokens`` 4, the default) —
 then with the embedded backend (batched label scoring), each through a fresh cache, one after
-another so that nothing shares the cores. Reports seconds per text, answer tokens per text, and
+another so that nothing shares the cores. With ``--llama-server PATH`` the served side is
+llama.cpp's own server binary instead (``--parallel`` slots decoded together), asked one request at
+a time and then ``--parallel`` at once. Reports seconds per text, answer tokens per text, and
 how far the labels and probabilities agree with the embedded ones.
 
     python bench/served.py --model qwen2.5-coder-1.5b --data ../shared/data/sst2 --n 100
@@ -52,6 +54,25 @@ def start_server(model: str, port: int, threads: int) -> subprocess.Popen:
     raise SystemExit("freeal serve did not answer in time")
 
 
+def start_llama_server(binary: Path, model: str, port: int, threads: int, parallel: int) -> subprocess.Popen:
+    """llama.cpp's ``llama-server`` on the same GGUF, with ``parallel`` slots of 2,048 tokens each."""
+    path, _ = resolve_model(model)
+    command = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["-t", str(threads), "-c", str(2048 * parallel), "--parallel", str(parallel)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("llama-server did not answer in time")
+
+
 def timed(task, items, inner) -> dict:  # type: ignore[no-untyped-def]
     with tempfile.TemporaryDirectory() as tmp:
         annotator = CachedAnnotator(inner, CallCache(Path(tmp) / "c.sqlite"))
@@ -78,18 +99,26 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/sst2"))
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-server", type=Path, help="llama.cpp's server binary, served instead")
+    parser.add_argument("--parallel", type=int, default=8, help="llama-server's slots")
     args = parser.parse_args()
     task = load_task(args.data)
     items = read_items(args.data / "test.jsonl", task=task, limit=args.n, seed=0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = start_server(args.model, port, args.threads)
+    if args.llama_server:
+        proc = start_llama_server(args.llama_server, args.model, port, args.threads, args.parallel)
+        asks = [("llama-server, 1 request at a time", 4, 1)]
+        asks += [(f"llama-server, {args.parallel} requests at once", 4, args.parallel)]
+    else:
+        proc = start_server(args.model, port, args.threads)
+        asks = [("served, whole answer (16 tokens)", 16, 1), ("served, 4 answer tokens", 4, 1)]
     runs: dict[str, dict] = {}
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        for name, tokens in (("served, whole answer (16 tokens)", 16), ("served, 4 answer tokens", 4)):
-            inner = OpenAICompatAnnotator(args.model, url, max_concurrency=1, score_tokens=tokens)
+        for name, tokens, concurrency in asks:
+            inner = OpenAICompatAnnotator(args.model, url, max_concurrency=concurrency, score_tokens=tokens)
             runs[name] = timed(task, items, inner)
             print(name, {k: v for k, v in runs[name].items() if not k.startswith("_")}, flush=True)
     finally:
@@ -114,10 +143,12 @@ def main() -> None:
         "model": args.model,
         "data": f"{args.data.name} test, {args.n} random texts (seed 0)",
         "threads": args.threads,
+        "server": f"llama-server, {args.parallel} slots" if args.llama_server else "freeal serve",
         "runs": {k: {f: v for f, v in r.items() if not f.startswith("_")} for k, r in runs.items()},
     }
     RESULTS.mkdir(exist_ok=True)
-    target = RESULTS / f"served_{args.data.name}_{args.n}.json"
+    server = "_llama-server" if args.llama_server else ""
+    target = RESULTS / f"served_{args.data.name}_{args.n}{server}.json"
     target.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
