@@ -38,20 +38,26 @@ from freeal.tasks import load_task
 RESULTS = Path(__file__).parent / "results"
 
 
+def wait_until_up(proc: subprocess.Popen, url: str, what: str) -> subprocess.Popen:
+    """``proc`` once ``url`` answers 200 (loading a model takes a while); its error if it exits."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{what} did not answer in time")
+
+
 def start_server(model: str, port: int, threads: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "freeal", "serve", model, "--port", str(port), "--n-ctx", "2048"]
     command += ["--threads", str(threads)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"freeal serve exited: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise SystemExit("freeal serve did not answer in time")
+    return wait_until_up(proc, f"http://127.0.0.1:{port}/v1/models", "freeal serve")
 
 
 def start_llama_server(binary: Path, model: str, port: int, threads: int, parallel: int) -> subprocess.Popen:
@@ -60,17 +66,7 @@ def start_llama_server(binary: Path, model: str, port: int, threads: int, parall
     command = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port)]
     command += ["-t", str(threads), "-c", str(2048 * parallel), "--parallel", str(parallel)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("llama-server did not answer in time")
+    return wait_until_up(proc, f"http://127.0.0.1:{port}/health", "llama-server")
 
 
 def timed(task, items, inner) -> dict:  # type: ignore[no-untyped-def]
