@@ -181,10 +181,12 @@ def _examples(
 
 
 def _count_rows(path: Path) -> int:
-    """The items in a JSONL file (its non-blank lines), counted without parsing them: 0 if absent."""
+    """The items in a JSONL file, counted without parsing them: 0 if absent. A row is a line that is
+    not blank as text, as :func:`freeal.data.iter_jsonl` reads them (bytes would count a line of
+    non-ASCII spaces that it skips, and the counts would no longer match)."""
     if not path.is_file():
         return 0
-    with path.open("rb") as fh:
+    with path.open(encoding="utf-8-sig", errors="replace") as fh:
         return sum(1 for line in fh if line.strip())
 
 
