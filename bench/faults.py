@@ -88,11 +88,14 @@ def child(folder: Path, limit: int, quick: bool) -> None:
 def attempt(folder: Path, limit: int, quick: bool, kill_after: float | None) -> tuple[bool, float]:
     """Start a child; SIGKILL it after ``kill_after`` seconds. Returns (finished by itself, seconds)."""
     start = time.perf_counter()
+    # the child's log goes to a file: a pipe nobody reads while waiting blocks a child that logs
+    # more than 64 KB, which would then look like a run that never finished
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read after the child ends
     proc = subprocess.Popen(
         [sys.executable, __file__, "child", "--folder", str(folder), "--limit", str(limit)]
         + (["--quick"] if quick else []),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
         text=True,
     )
     try:
@@ -102,7 +105,8 @@ def attempt(folder: Path, limit: int, quick: bool, kill_after: float | None) -> 
         proc.wait()
         return False, time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"attempt failed (exit {proc.returncode}): {proc.stderr.read()[-3000:]}")  # type: ignore[union-attr]
+        log.seek(0)
+        raise SystemExit(f"attempt failed (exit {proc.returncode}): {log.read()[-3000:]}")
     return True, time.perf_counter() - start
 
 

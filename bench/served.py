@@ -38,12 +38,20 @@ from freeal.tasks import load_task
 RESULTS = Path(__file__).parent / "results"
 
 
-def wait_until_up(proc: subprocess.Popen, url: str, what: str) -> subprocess.Popen:
-    """``proc`` once ``url`` answers 200 (loading a model takes a while); its error if it exits."""
+def launch(command: list[str], url: str, what: str) -> subprocess.Popen:
+    """Start a server and return it once ``url`` answers 200 (loading a model takes a while).
+
+    Its log goes to an unnamed temporary file, not a pipe: nobody reads a pipe while the benchmark
+    runs, and a server that logs every request (llama-server does) fills the pipe's 64 KB and then
+    blocks on its next log line, so every request times out (how the first 8-slot run stalled).
+    """
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - the server's lifetime, not a block's
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{what} exited: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+            log.seek(0)
+            raise SystemExit(f"{what} exited: {log.read()[-2000:]}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return proc
@@ -56,17 +64,23 @@ def wait_until_up(proc: subprocess.Popen, url: str, what: str) -> subprocess.Pop
 def start_server(model: str, port: int, threads: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "freeal", "serve", model, "--port", str(port), "--n-ctx", "2048"]
     command += ["--threads", str(threads)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return wait_until_up(proc, f"http://127.0.0.1:{port}/v1/models", "freeal serve")
+    return launch(command, f"http://127.0.0.1:{port}/v1/models", "freeal serve")
 
 
-def start_llama_server(binary: Path, model: str, port: int, threads: int, parallel: int) -> subprocess.Popen:
-    """llama.cpp's ``llama-server`` on the same GGUF, with ``parallel`` slots of 2,048 tokens each."""
+def start_llama_server(
+    binary: Path, model: str, port: int, threads: int, parallel: int, unified: bool
+) -> subprocess.Popen:
+    """llama.cpp's ``llama-server`` on the same GGUF, with ``parallel`` slots of 2,048 tokens each.
+
+    ``unified``: one KV buffer for all slots. With a buffer per slot llama.cpp cuts a batch over
+    several slots into steps taking equally many tokens from each, so tails of unequal length cost
+    a step each (what freeal's own scoring context works around, BENCHMARKS issue 13).
+    """
     path, _ = resolve_model(model)
     command = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port)]
     command += ["-t", str(threads), "-c", str(2048 * parallel), "--parallel", str(parallel)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return wait_until_up(proc, f"http://127.0.0.1:{port}/health", "llama-server")
+    command += ["--kv-unified" if unified else "--no-kv-unified"]
+    return launch(command, f"http://127.0.0.1:{port}/health", "llama-server")
 
 
 def timed(task, items, inner) -> dict:  # type: ignore[no-untyped-def]
@@ -97,6 +111,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-server", type=Path, help="llama.cpp's server binary, served instead")
     parser.add_argument("--parallel", type=int, default=8, help="llama-server's slots")
+    parser.add_argument("--kv-unified", action="store_true", help="llama-server: one KV buffer for all slots")
+    parser.add_argument(
+        "--score-tokens",
+        type=int,
+        nargs="+",
+        default=[4],
+        help="llama-server: answer tokens, each tried",
+    )
     args = parser.parse_args()
     task = load_task(args.data)
     items = read_items(args.data / "test.jsonl", task=task, limit=args.n, seed=0)
@@ -104,9 +126,14 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if args.llama_server:
-        proc = start_llama_server(args.llama_server, args.model, port, args.threads, args.parallel)
-        asks = [("llama-server, 1 request at a time", 4, 1)]
-        asks += [(f"llama-server, {args.parallel} requests at once", 4, args.parallel)]
+        proc = start_llama_server(
+            args.llama_server, args.model, port, args.threads, args.parallel, args.kv_unified
+        )
+        asks = [
+            (f"llama-server, {k} at once, {tokens} answer tokens", tokens, k)
+            for tokens in args.score_tokens
+            for k in dict.fromkeys([1, args.parallel])
+        ]
     else:
         proc = start_server(args.model, port, args.threads)
         asks = [("served, whole answer (16 tokens)", 16, 1), ("served, 4 answer tokens", 4, 1)]
@@ -139,11 +166,16 @@ def main() -> None:
         "model": args.model,
         "data": f"{args.data.name} test, {args.n} random texts (seed 0)",
         "threads": args.threads,
-        "server": f"llama-server, {args.parallel} slots" if args.llama_server else "freeal serve",
+        "server": (
+            f"llama-server, {args.parallel} slots, "
+            + ("one KV buffer" if args.kv_unified else "a KV buffer per slot")
+            if args.llama_server
+            else "freeal serve"
+        ),
         "runs": {k: {f: v for f, v in r.items() if not f.startswith("_")} for k, r in runs.items()},
     }
     RESULTS.mkdir(exist_ok=True)
-    server = "_llama-server" if args.llama_server else ""
+    server = f"_llama-server_{args.parallel}{'u' if args.kv_unified else ''}" if args.llama_server else ""
     target = RESULTS / f"served_{args.data.name}_{args.n}{server}.json"
     target.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

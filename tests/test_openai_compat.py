@@ -115,8 +115,8 @@ def test_labels_with_logprobs() -> None:
         assert ans.evaluated_tokens == ans.prompt_tokens
     body = srv.bodies[0]
     assert body["logprobs"] is True and body["top_logprobs"] == 20
-    # the first answer token decides: 4 answer tokens are asked, not the full 16
-    assert body["temperature"] == 0 and body["max_tokens"] == 4 and body["model"] == "test-model"
+    # the first answer token decides: 1 answer token is asked, not the full 16
+    assert body["temperature"] == 0 and body["max_tokens"] == 1 and body["model"] == "test-model"
     assert srv.requests == len(TEXTS)
     assert no_worker_threads()
 
@@ -136,7 +136,7 @@ def test_server_without_logprobs_falls_back_to_parse() -> None:
     assert all(a.scores is None for a in answers)
     # the first short answer shows the server ignores logprobs: it and every later one in full
     assert srv.requests == len(TEXTS) + 1
-    assert [b["max_tokens"] for b in srv.bodies] == [4] + [16] * len(TEXTS)
+    assert [b["max_tokens"] for b in srv.bodies] == [1] + [16] * len(TEXTS)
 
 
 def test_a_tie_on_the_first_token_asks_for_the_whole_answer() -> None:
@@ -146,7 +146,19 @@ def test_a_tie_on_the_first_token_asks_for_the_whole_answer() -> None:
     with server(keywords={"match": "Sports"}, chars_per_token=1, honour_max_tokens=True) as srv:
         [ans] = run_all(annotator(srv.url), ["the match"])
     assert ans.label == "Sports" and srv.requests == 2
-    assert [b["max_tokens"] for b in srv.bodies] == [4, 16]
+    assert [b["max_tokens"] for b in srv.bodies] == [1, 16]
+
+
+def test_answers_cached_with_one_count_of_answer_tokens_serve_another() -> None:
+    """The label comes from the first token whatever the count asked, so a run resumed with
+    another ``score_tokens`` must find the answers it already paid for."""
+    url = "http://127.0.0.1:1/v1"
+    one, four = (
+        annotator(url, score_tokens=1, allow_plain_http=True),
+        annotator(url, score_tokens=4, allow_plain_http=True),
+    )
+    assert one.identity == four.identity
+    assert one.identity != annotator(url, max_tokens=8, allow_plain_http=True).identity
 
 
 # ------------------------------------------------------------------------------------------------

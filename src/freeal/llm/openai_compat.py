@@ -361,17 +361,18 @@ class OpenAICompatAnnotator:
     free text that a later step would have to guess at. Hence:
 
     1. The model is asked greedily (``temperature=0``) with ``logprobs`` and ``top_logprobs=20``,
-       for ``score_tokens`` (4) answer tokens only: a server writes an answer token by token, and
-       the label is read from the first one. Only when those do not decide (no logprobs, no label
-       among the first token's alternatives, or a tie the text must break) is the whole answer
-       asked (``max_tokens``, 16); a server that ignores ``logprobs`` gets whole questions from
-       then on. When the server returns logprobs, each label is scored by the best
-       log-probability among the first answer token's alternatives whose text (stripped,
-       case-insensitive) is a prefix of the label; labels absent from the list get
-       ``min(listed) - 5`` (:data:`FLOOR_MARGIN`). The label is the argmax, i.e. the model's
-       answer restricted to the label set (ties between labels sharing a first token are broken by
-       the text answer). These scores are comparable to the log-probabilities of the llama.cpp
-       backend and feed calibration.
+       for ``score_tokens`` (1) answer tokens only: a server writes an answer token by token, and
+       the label is read from the first one (a second token costs llama-server one more decode
+       step: 0.45 against 0.38 s per text on 2 CPU threads, BENCHMARKS issue 13). Only when that
+       does not decide (no logprobs, no label among the first token's alternatives, or a tie the
+       text must break) is the whole answer asked (``max_tokens``, 16); a server that ignores
+       ``logprobs`` gets whole questions from then on. When the server returns logprobs, each
+       label is scored by the best log-probability among the first answer token's alternatives
+       whose text (stripped, case-insensitive) is a prefix of the label; labels absent from the
+       list get ``min(listed) - 5`` (:data:`FLOOR_MARGIN`). The label is the argmax, i.e. the
+       model's answer restricted to the label set (ties between labels sharing a first token are
+       broken by the text answer). These scores are comparable to the log-probabilities of the
+       llama.cpp backend and feed calibration.
     2. Without logprobs (Ollama, ``use_logprobs=False``) or when no listed token starts a label,
        ``scores`` is ``None`` and the label comes from a strict parse of the text answer
        (:func:`parse_label`: the answer is a label, or starts with one).
@@ -410,7 +411,7 @@ class OpenAICompatAnnotator:
         backoff_max: float = 30.0,
         temperature: float = 0.0,
         max_tokens: int = 16,
-        score_tokens: int = 4,
+        score_tokens: int = 1,
         use_logprobs: bool = True,
         top_logprobs: int = 20,
         allow_plain_http: bool = False,
@@ -512,8 +513,9 @@ class OpenAICompatAnnotator:
         mode = (
             f"logprobs{top_logprobs}-prefix+parse" if use_logprobs else "parse"
         ) + f",t={self.temperature:g},max_tokens={max_tokens}"
-        if use_logprobs and self.score_tokens < max_tokens:
-            mode += f",score_tokens={self.score_tokens}"
+        # Not ``score_tokens``: the label comes from the first token's alternatives whatever the
+        # count, and whatever they leave undecided is asked in full, so the count changes the cost
+        # of an answer, never the answer, and cached answers stay valid when it changes.
         urls = ",".join(sorted({_clean_url(ep.base_url) for ep in self._endpoints}))
         self.identity = f"openai:{model}@{urls}:{mode}"
         self.supports_grammar = False
