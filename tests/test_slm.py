@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,44 @@ def test_robust_training_without_warm_up_splits_from_the_first_epoch(sst2_slice)
     slm = SLMClassifier(task.label_names, cfg).fit(items.texts[:100], noisy[:100])
     assert slm.epoch_log[0]["ramp"] > 0 and slm.epoch_log[0]["clean_fraction"] < 1.0
     assert slm.epoch_log[1]["consistency"] > 0  # the noisy items train through their views
+
+
+def test_a_head_fit_repeats_itself_under_its_seed_and_not_under_another(sst2_slice):
+    """The head's dropout masks come from a generator of the SLM's own: the same seed must give
+    the same model (a resumed run retrains the SLM), another seed other masks."""
+    task, items, noisy = sst2_slice
+
+    def fit(seed: int) -> np.ndarray:
+        cfg = SLMConfig(mode="head", epochs=3, warmup_epochs=1, device="cpu", seed=seed)
+        return SLMClassifier(task.label_names, cfg).fit(items.texts[:200], noisy[:200]).train_proba_
+
+    first = fit(0)
+    assert np.array_equal(first, fit(0))
+    assert not np.allclose(first, fit(1))
+
+
+def test_a_head_fit_on_cached_embeddings_imports_no_transformers(data_dir, tmp_path):
+    """``head`` mode needs only the embeddings: with them cached, the SLM step must not pay for
+    importing transformers (about a second, most of the step's start at 10,000 texts)."""
+    code = (
+        "import sys, json\n"
+        "from freeal.config import SLMConfig\n"
+        "from freeal.data import read_items\n"
+        "from freeal.slm.classifier import SLMClassifier\n"
+        "from freeal.tasks import load_task\n"
+        f"task = load_task({str(data_dir / 'sst2')!r})\n"
+        f"items = read_items({str(data_dir / 'sst2' / 'train.jsonl')!r}, task=task, limit=60, seed=1)\n"
+        "cfg = SLMConfig(mode='head', epochs=2, warmup_epochs=1, device='cpu')\n"
+        "SLMClassifier(task.label_names, cfg).fit(items.texts, items.gold)\n"
+        "print(json.dumps('transformers' in sys.modules))\n"
+    )
+    env = {**os.environ, "FREEAL_CACHE_DIR": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True) for _ in "12"
+    ]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    assert json.loads(runs[0].stdout) is True  # the first fit encoded the texts
+    assert json.loads(runs[1].stdout) is False  # the second found them cached
 
 
 def test_unknown_backbone_is_one_clear_error(tmp_path):
