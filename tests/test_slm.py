@@ -109,8 +109,8 @@ def test_robust_training_without_warm_up_splits_from_the_first_epoch(sst2_slice)
 
 
 def test_a_head_fit_repeats_itself_under_its_seed_and_not_under_another(sst2_slice):
-    """The head's dropout masks come from a generator of the SLM's own: the same seed must give
-    the same model (a resumed run retrains the SLM), another seed other masks."""
+    """A resumed run retrains the SLM: the same seed must give the same model (initial weights,
+    order, dropout masks), another seed another one."""
     task, items, noisy = sst2_slice
 
     def fit(seed: int) -> np.ndarray:
