@@ -2,12 +2,12 @@
 
 Starts ``freeal serve MODEL`` (llama-cpp-python's OpenAI-compatible server) on loopback, labels the
 texts through it twice — asking the whole answer (``score_tokens`` = ``max_tokens`` = 16, how freeal
-asked before) and asking only the few tokens scoring needs (``score_tokens`` 4, the default) —
-then with the embedded backend (batched label scoring), each through a fresh cache, one after
-another so that nothing shares the cores. With ``--llama-server PATH`` the served side is
-llama.cpp's own server binary instead (``--parallel`` slots decoded together), asked one request at
-a time and then ``--parallel`` at once. Reports seconds per text, answer tokens per text, and
-how far the labels and probabilities agree with the embedded ones.
+asked before) and asking 4 answer tokens (``score_tokens``; the default then, 1 now) — then with
+the embedded backend (batched label scoring), each through a fresh cache, one after another so
+that nothing shares the cores. With ``--llama-server PATH`` the served side is llama.cpp's own
+server binary instead (``--parallel`` slots decoded together), asked one request at a time and
+then ``--parallel`` at once, with each ``--score-tokens`` count. Reports seconds per text, answer
+tokens per text, and how far the labels and probabilities agree with the embedded ones.
 
     python bench/served.py --model qwen2.5-coder-1.5b --data ../shared/data/sst2 --n 100
 """
@@ -116,8 +116,8 @@ def main() -> None:
         "--score-tokens",
         type=int,
         nargs="+",
-        default=[4],
-        help="llama-server: answer tokens, each tried",
+        default=[1],
+        help="llama-server: answer tokens, each tried (freeal asks 1)",
     )
     args = parser.parse_args()
     task = load_task(args.data)

@@ -94,8 +94,13 @@ class SLMClassifier(RobustTrainer):
         encoder = None
         if self.config.mode == "head":
             # the encoder's width read from its config file: importing transformers only for it took
-            # 0.9 s of the SLM step's 1.7 s start when the embeddings come from the cache
-            dim = int(json.loads((Path(self.backbone) / "config.json").read_text())["hidden_size"])
+            # 0.9 s of the SLM step's 1.7 s start when the embeddings come from the cache. Configs
+            # that name it otherwise (DistilBERT's ``dim``) go through transformers' own mapping.
+            dim = json.loads((Path(self.backbone) / "config.json").read_text()).get("hidden_size")
+            if dim is None:
+                from transformers import AutoConfig
+
+                dim = AutoConfig.from_pretrained(self.backbone).hidden_size
             self._embedder = self._shared_embedder or Embedder(self.backbone, device=self.device)
         else:
             from transformers import AutoModel, AutoTokenizer
