@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -46,11 +47,15 @@ class Server:
 
     def start(self, timeout: float = 120) -> None:
         command = [*FREEAL, "serve", MODEL, "--port", str(self.port), "--n-ctx", "2048"]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # the server's log goes to a file: a pipe nobody reads fills at 64 KB and then blocks the
+        # server on its next log line (how bench/served.py's llama-server run stalled)
+        log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - the server's lifetime, not a block's
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"freeal serve exited: {self.proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+                log.seek(0)
+                raise RuntimeError(f"freeal serve exited: {log.read()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/models", timeout=1).status_code == 200:
                     return
