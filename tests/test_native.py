@@ -51,10 +51,12 @@ def test_the_setting_reaches_llama_cpp_model_params() -> None:
 
 
 def _fake_child(crash_when_on: bool, crash_when_off: bool):  # type: ignore[no-untyped-def]
-    """A child that dies of SIGSEGV as a broken llama.cpp build does (no model is loaded)."""
+    """A child that dies of SIGSEGV as a broken llama.cpp build does (no model is loaded): llama.cpp's
+    own line, then Python's crash dump cut mid-line by the signal."""
     crash = (
-        "import os, signal; print('Fatal Python error: Segmentation fault', flush=True); "
-        "os.kill(os.getpid(), signal.SIGSEGV)"
+        "import os, signal, sys; print('load_tensors: AMX model buffer size = 9 MiB', file=sys.stderr); "
+        "sys.stderr.write('Fatal Python error: Segmentation fault\\n  File \"native.py\", line '); "
+        "sys.stderr.flush(); os.kill(os.getpid(), signal.SIGSEGV)"
     )
     fine = 'print(\'{"load_seconds": 0.1, "decoded_tokens": 12}\')'
 
@@ -93,6 +95,7 @@ def test_a_native_crash_is_one_clear_error(cache_dir, monkeypatch) -> None:
     assert "killed by SIGSEGV" in message
     assert "Intel Xeon Platinum 8480+" in message and "amx_tile" in message
     assert "extra buffers on" in message and "freeal doctor" in message
+    assert "last line: load_tensors: AMX model buffer size" in message  # llama.cpp's words, not the dump's
     assert not list((cache_dir / "native-checks").glob("*.json"))  # a failure is not cached
 
 
@@ -104,8 +107,11 @@ def test_the_annotator_loads_without_extra_buffers_on_an_amx_cpu(cache_dir, monk
 
     path, name = resolve_model("smollm2-135m")
     prompt = [{"role": "user", "content": "Is 'a lovely film' positive or negative?"}]
-    plain = LlamaCppAnnotator(path, name=name, n_ctx=512, extra_buffers="on")
-    assert plain.extra_buffers is True
+    # the reference loads with the buffers on, except on a real AMX Xeon, where that crashes
+    # (SIGILL, seen on one): there the forced path is compared with a plain load without them
+    reference = "off" if native.AMX_FLAGS & native.cpu_flags() else "on"
+    plain = LlamaCppAnnotator(path, name=name, n_ctx=512, extra_buffers=reference)
+    assert plain.extra_buffers is (reference == "on")
     expected = plain.score(prompt, ["positive", "negative"])
     del plain
     monkeypatch.setattr(native, "cpu_flags", lambda cpuinfo=None: AMX_XEON)
@@ -123,6 +129,11 @@ def test_doctor_reports_each_setting(cache_dir, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "extra weight buffers" in result.output and "ok" in result.output
     found = json.loads(out.read_text())
-    assert set(found["models"]["smollm2-135m"]) == {"on", "off"}
-    assert all("crashed" not in v for v in found["models"]["smollm2-135m"].values())
+    settings = found["models"]["smollm2-135m"]
+    assert set(settings) == {"on", "off"}
+    assert "crashed" not in settings["off"]
+    if native.AMX_FLAGS & native.cpu_flags():
+        assert "extra weight buffers: off under auto" in result.output
+    else:  # only AMX buffers are known to crash
+        assert "crashed" not in settings["on"]
     assert found["llama_cpp_python"]

@@ -281,7 +281,10 @@ def checked_extra_buffers(model: str | Path, setting: ExtraBuffers = "auto", *, 
             write_text_atomic(marker, json.dumps({"extra_buffers": enabled, "model": str(model), **found}))
             return enabled
         failures.append(f"extra buffers {'on' if enabled else 'off'}: {found['crashed']}")
-    last_lines = [ln for ln in found.get("stderr", "").splitlines() if ln.strip()][-1:]
+    # What the child printed before Python's crash dump (llama.cpp's own assert, say); the dump itself
+    # names only freeal's frames, and a signal can cut it mid-line (SIGILL on an AMX Xeon did).
+    printed = found.get("stderr", "").split("Fatal Python error:")[0]
+    last_lines = [ln.strip() for ln in printed.splitlines() if ln.strip()][-1:]
     raise FreeALError(
         f"llama.cpp (llama-cpp-python {build_info()['llama_cpp_python']}) crashed loading {Path(model).name} "
         f"on this CPU, {describe_cpu()} ({'; '.join(failures)}"
