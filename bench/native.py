@@ -5,7 +5,8 @@ doctor` does) and timed on prefill in 512- and 32-token batches; the rounds alte
 the two settings so neither always runs on a warmer machine. Then the 1.5B scores the same test
 texts zero-shot with the buffers on and with them off (no cache), to show whether the setting
 changes any answer. A setting that crashes (the buffers on an AMX Xeon) is recorded as crashed and
-not tried again, and the answers are then not compared. Run alone: llama.cpp on 2 cores slows badly beside other work.
+not tried again, and the answers are then not compared. Run alone: llama.cpp on 2 cores slows badly
+beside other work.
 
     python bench/native.py --rounds 3 --texts 100
 """
