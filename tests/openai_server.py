@@ -14,6 +14,10 @@ the right answer. Faults are injected by ``script``, one behaviour consumed per 
 - ``"drop"``: close the connection without answering
 - ``"nolabel"``: a normal response whose answer is ``"I think maybe"`` (no label, no label logprobs)
 
+With ``keep_alive`` the server speaks HTTP/1.1 and keeps each connection open for the next request,
+as real servers (llama-server, vLLM) do; by default it answers in HTTP/1.0 and closes the connection
+after every answer. ``connections`` counts the connections it accepted.
+
 A token is ``chars_per_token`` characters; with ``honour_max_tokens`` an answer is cut after
 ``max_tokens`` tokens, as a real server cuts it.
 
@@ -64,6 +68,7 @@ class FakeOpenAIServer:
         error_message: str | None = None,
         chars_per_token: int = 4,
         honour_max_tokens: bool = False,
+        keep_alive: bool = False,
     ) -> None:
         self.labels = list(labels)
         self.policy = policy or keyword_policy(keywords or {})
@@ -75,6 +80,8 @@ class FakeOpenAIServer:
         self.error_message = error_message
         self.chars_per_token = chars_per_token
         self.honour_max_tokens = honour_max_tokens
+        self.keep_alive = keep_alive
+        self.connections = 0
         self.counts: Counter[str] = Counter()
         self.auth_headers: list[str | None] = []
         self.bodies: list[dict[str, Any]] = []
@@ -103,6 +110,7 @@ class FakeOpenAIServer:
 
         class Handler(_Handler):
             owner = server
+            protocol_version = "HTTP/1.1" if server.keep_alive else "HTTP/1.0"
 
         httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd = httpd
@@ -205,6 +213,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.owner._lock:
+            self.owner.connections += 1
 
     def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()

@@ -134,6 +134,39 @@ def test_shared_prefix_is_evaluated_once(smollm2):
     assert again.scores == pytest.approx(second.scores, abs=1e-3)
 
 
+def test_greedy_answers_under_a_grammar_are_llama_cpps_own(smollm2, data_dir):
+    """freeal checks the grammar on the best token first (llama-cpp-python's chain runs it over the
+    whole vocabulary at every step): the answers must be the chain's, token for token. Real NER
+    prompts and grammars, some cut off by ``max_tokens``, and one grammar that refuses whatever the
+    model would say first, so the pass over the whole vocabulary is taken too."""
+    import llama_cpp
+
+    from freeal.data import read_sentences
+    from freeal.llm.prompts import ner_prompt
+    from freeal.ner import answer_grammar, render
+
+    task = load_task(data_dir / "bc5cdr")
+    sentences = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=5, seed=3).tokens
+    prompts = [ner_prompt(task, render(tokens), [], json_output=False) for tokens in sentences]
+    grammars = [answer_grammar(tokens, task.label_names, 8) for tokens in sentences]
+    prompts.append([{"role": "user", "content": "Say hello."}])
+    grammars.append('root ::= "Zq" [0-9] [0-9]? "\\n"')
+    found = list(smollm2.generate_many(prompts, max_tokens=48, temperature=0.0, seed=0, grammars=grammars))
+    assert [i for i, _ in found] == list(range(len(prompts)))
+    for (_, answer), messages, grammar in zip(found, prompts, grammars, strict=True):
+        chain = smollm2.llm.create_chat_completion(
+            messages=messages,
+            max_tokens=48,
+            temperature=0.0,
+            seed=0,
+            grammar=llama_cpp.LlamaGrammar.from_string(grammar, verbose=False),
+        )
+        assert answer.text == chain["choices"][0]["message"]["content"]
+        assert answer.completion_tokens == chain["usage"]["completion_tokens"]
+    assert found[-1][1].text.startswith("Zq")
+    assert any(answer.completion_tokens == 48 for _, answer in found)  # one cut off by max_tokens
+
+
 def load_task_like_sst2() -> Task:
     return Task(
         name="sentiment",

@@ -262,6 +262,20 @@ def test_concurrency_bound() -> None:
     assert srv.max_in_flight == 3
 
 
+def test_connections_are_kept_open_between_requests() -> None:
+    """Against a server that keeps connections alive, a connection is not opened per request: at
+    most one per request in flight. The scale benchmark's server keeps them alive for this reason."""
+    texts = [TEXTS[i % 4][0] + f" ({i})" for i in range(40)]
+    with server(keep_alive=True) as srv:
+        answers = run_all(annotator(srv.url, max_concurrency=4), texts)
+    assert [a.label for a in answers] == [TEXTS[i % 4][1] for i in range(40)]
+    assert srv.requests == 40
+    assert srv.connections <= 4
+    with server() as closing:  # HTTP/1.0: the server closes each connection after its answer
+        run_all(annotator(closing.url, max_concurrency=4), texts)
+    assert closing.connections == 40
+
+
 def test_a_pool_of_servers_spreads_work_by_speed_and_survives_one_killed() -> None:
     """Three servers of different speeds; the middle one dies a third of the way through. Every
     text is answered once, right; the dead server's requests go to the others; the faster of the
