@@ -264,7 +264,7 @@ def test_concurrency_bound() -> None:
 
 def test_connections_are_kept_open_between_requests() -> None:
     """Against a server that keeps connections alive, a connection is not opened per request: at
-    most one per request in flight. The scale benchmark's server keeps them alive for this reason."""
+    most one per request in flight (``bench/scale_loop.py --keep-alive`` serves this way)."""
     texts = [TEXTS[i % 4][0] + f" ({i})" for i in range(40)]
     with server(keep_alive=True) as srv:
         answers = run_all(annotator(srv.url, max_concurrency=4), texts)

@@ -129,10 +129,12 @@ def test_a_head_fit_on_cached_embeddings_imports_no_transformers(data_dir, tmp_p
         "import sys, json\n"
         "from freeal.config import SLMConfig\n"
         "from freeal.data import read_items\n"
+        "from freeal.extras import require\n"
         "from freeal.slm.classifier import SLMClassifier\n"
         "from freeal.tasks import load_task\n"
         f"task = load_task({str(data_dir / 'sst2')!r})\n"
         f"items = read_items({str(data_dir / 'sst2' / 'train.jsonl')!r}, task=task, limit=60, seed=1)\n"
+        "require('torch', 'transformers', what='the SLM (classifier)')\n"  # as the loop checks first
         "cfg = SLMConfig(mode='head', epochs=2, warmup_epochs=1, device='cpu')\n"
         "SLMClassifier(task.label_names, cfg).fit(items.texts, items.gold)\n"
         "print(json.dumps('transformers' in sys.modules))\n"

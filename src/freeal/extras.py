@@ -10,7 +10,7 @@ instead of an ImportError deep in a run.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 
 from freeal.errors import FreeALError
 
@@ -28,13 +28,18 @@ EXTRA_OF = {
 
 
 def require(*modules: str, what: str) -> None:
-    """Import ``modules`` or raise one :class:`FreeALError` saying which extra ``what`` needs."""
+    """Check that ``modules`` are installed, or raise one :class:`FreeALError` saying which extra
+    ``what`` needs. They are found, not imported: the code that uses a module imports it, and some
+    callers never do (importing transformers takes about a second, which a ``head`` SLM on cached
+    embeddings does not need)."""
     for module in modules:
         try:
-            importlib.import_module(module)
-        except ImportError as exc:
+            installed = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a finder that refuses it; a module left without a spec
+            installed = False
+        if not installed:
             extra = EXTRA_OF.get(module, "all")
             raise FreeALError(
                 f"{what} needs the Python package {module!r}, which is not installed: "
                 f"pip install 'freeal[{extra}]'"
-            ) from exc
+            )
