@@ -90,6 +90,8 @@ def run_one(dataset: str, n: int, k: int, slice_seed: int, cache: Path) -> dict:
         ("inline", inline, with_demos),
         ("turns", turns, with_demos),
     ):
+        # label_groups builds each prompt with this name: swapped here, so grouping, calibration
+        # and batched scoring are the library's own and only the format differs
         freeal.annotate.classification_prompt = build  # type: ignore[assignment]
         calls, start = annotator.ledger.calls, time.perf_counter()
         frame = label_groups(task, texts, annotator, groups, calibrate="auto", progress=False)
