@@ -12,8 +12,8 @@ their zero-shot answers serve ``bench/quality.py`` from the same cache. Demonstr
 pool of 2,000 other train texts with their **gold** labels, grouped as the loop groups them (k
 nearest to each group's centroid, balanced, groups of 32). Gold demonstrations are an upper bound
 on the clean set (97.5–100% right on the sentiment sets, BENCHMARKS.md): this measures the
-format, not the feedback step. Gold is otherwise used only to score. Both formats are built here,
-so the benchmark still runs either after the library's own format changes.
+format, not the feedback step. Gold is otherwise used only to score. ``inline`` and ``zero`` are
+the library's own prompt (:func:`freeal.llm.prompts.classification_prompt`); ``turns`` is built here.
 
     python bench/demo_format.py --datasets sst2 mr trec --n 300 --cache DIR/cache.sqlite
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,20 +36,12 @@ from freeal.demos import demonstration_groups
 from freeal.embed import Embedder
 from freeal.llm import make_annotator
 from freeal.llm.base import Message
-from freeal.llm.prompts import system_prompt
+from freeal.llm.native import cpu_name
+from freeal.llm.prompts import classification_prompt, system_prompt
 from freeal.tasks import Task, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-
-
-def inline(task: Task, text: str, demonstrations: Sequence[tuple[str, str]] = ()) -> list[Message]:
-    """Demonstrations as "Text: … Label: …" blocks in the user message before the text."""
-    block = "".join(f"Text: {d}\nLabel: {label}\n\n" for d, label in demonstrations)
-    return [
-        {"role": "system", "content": system_prompt(task)},
-        {"role": "user", "content": f"{block}Text: {text}\nLabel:"},
-    ]
 
 
 def turns(task: Task, text: str, demonstrations: Sequence[tuple[str, str]] = ()) -> list[Message]:
@@ -86,12 +77,12 @@ def run_one(dataset: str, n: int, k: int, slice_seed: int, cache: Path) -> dict:
         "slice": f"random {n} of the protocol's seed-{slice_seed} slice",
     }
     for name, build, groups in (
-        ("zero", inline, [(np.arange(n), [])]),
-        ("inline", inline, with_demos),
+        ("zero", classification_prompt, [(np.arange(n), [])]),
+        ("inline", classification_prompt, with_demos),
         ("turns", turns, with_demos),
     ):
-        # label_groups builds each prompt with this name: swapped here, so grouping, calibration
-        # and batched scoring are the library's own and only the format differs
+        # label_groups builds each prompt with this name: swapped here for turns, so grouping,
+        # calibration and batched scoring are the library's own and only the format differs
         freeal.annotate.classification_prompt = build  # type: ignore[assignment]
         calls, start = annotator.ledger.calls, time.perf_counter()
         frame = label_groups(task, texts, annotator, groups, calibrate="auto", progress=False)
@@ -121,9 +112,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "demo_format.json")
     args = parser.parse_args()
     runs = [run_one(d, args.n, args.k, args.slice_seed, args.cache) for d in args.datasets]
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}"
     args.out.write_text(
-        json.dumps({"machine": machine, "model": LLMConfig().model, "runs": runs}, indent=2) + "\n"
+        json.dumps({"machine": cpu_name(), "model": LLMConfig().model, "runs": runs}, indent=2) + "\n"
     )
 
 

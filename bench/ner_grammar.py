@@ -92,11 +92,10 @@ def main() -> None:
                 LLMConfig(model=args.model, cache_path=Path(scratch) / f"{way}.sqlite")
             )
             grammars = {
-                "ngrams": [answer_grammar(tokens, types) for tokens in data.tokens],
-                "ngrams-chain": [answer_grammar(tokens, types) for tokens in data.tokens],
-                "lines": [lines_grammar(types)] * len(data),
-                "free": None,
-            }[way]
+                "ngrams": lambda: [answer_grammar(tokens, types) for tokens in data.tokens],
+                "lines": lambda: [lines_grammar(types)] * len(data),
+                "free": lambda: None,
+            }[way.removesuffix("-chain")]()  # ngrams-chain: the same grammars, another sampler
             start = time.perf_counter()
             if way == "ngrams-chain":
                 answers = dict(enumerate(chain(annotator.inner.llm, prompts, grammars or [])))
