@@ -205,9 +205,10 @@ def slm_on_final_labels() -> None:
         key = (r["dataset"], run["mode"], run["epochs"], precision, r["device"])
         groups.setdefault(key, []).append(r)
     print(
-        "| data | SLM | epochs | precision | slices | final labels | SLM test | gap (points) | s per epoch |"
+        "| data | SLM | device | epochs | precision | slices | final labels | SLM test | gap (points) "
+        "| s per epoch |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     summary: dict = {}
     for (dataset, mode, epochs, precision, device), mine in groups.items():
         labels = [r["label_accuracy"] for r in mine]
@@ -216,7 +217,8 @@ def slm_on_final_labels() -> None:
         seconds = [r["runs"][0]["seconds_per_epoch"] for r in mine]
         spread = f" ± {statistics.stdev(gaps):.1f}" if len(gaps) > 1 else ""
         print(
-            f"| {dataset} | {mode} | {epochs} | {precision} | {len(mine)} | {statistics.mean(labels):.3f} "
+            f"| {dataset} | {mode} | {device} | {epochs} | {precision} | {len(mine)} "
+            f"| {statistics.mean(labels):.3f} "
             f"| {statistics.mean(test):.3f} | {statistics.mean(gaps):+.1f}{spread} "
             f"({', '.join(f'{g:+.1f}' for g in gaps)}) | {statistics.mean(seconds):.1f} |"
         )

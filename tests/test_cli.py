@@ -129,6 +129,8 @@ def test_train_writes_predictions_clean_split_and_demonstrations(data_dir, tmp_p
             "gold",
             "--epochs",
             "20",
+            "--warmup-epochs",
+            "3",
             "--device",
             "cpu",
             "--pool-size",
@@ -150,6 +152,8 @@ def test_train_writes_predictions_clean_split_and_demonstrations(data_dir, tmp_p
     assert metrics["inductive"]["accuracy"] > 0.6
     assert metrics["clean_set_precision"] > 0.8  # the noisy input is 80% right
     assert (tmp_path / "slm" / "model" / "model.pt").is_file()
+    saved = json.loads((tmp_path / "slm" / "model" / "slm.json").read_text())["config"]
+    assert (saved["epochs"], saved["warmup_epochs"]) == (20, 3)  # the options reach the model
 
 
 def test_json_logs_are_one_object_a_line_and_quiet_prints_no_progress(data_dir, tmp_path):

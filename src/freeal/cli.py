@@ -203,6 +203,13 @@ def train(
         bool, typer.Option("--robust/--plain", help="Robust self-training or plain CE.")
     ] = True,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    warmup_epochs: Annotated[
+        int,
+        typer.Option(
+            help="Epochs of plain cross-entropy on every label before the clean/noisy split "
+            "begins (with fewer --epochs, training is plain throughout)."
+        ),
+    ] = 2,
     backbone: Annotated[
         str | None,
         typer.Option(
@@ -233,6 +240,7 @@ def train(
             "mode": mode,
             "robust": robust,
             "epochs": epochs,
+            "warmup_epochs": warmup_epochs,
             "backbone": backbone,
             "device": device,
             "seed": seed,
