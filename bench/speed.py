@@ -181,8 +181,6 @@ def main() -> None:
         runs = entry["runs"]
         # the latest machine's figures at the top level (the shape), every machine's by CPU
         by_cpu = summary.get(model, {}).get("by_cpu", {})
-        if model in summary and "by_cpu" not in summary[model]:  # written before machines were kept
-            by_cpu[summary[model]["cpu"]] = summary[model]
         latest = {
             "ceiling_tps": entry["ceiling_tps"],
             "scoring_tps": entry["scoring_tps"],
