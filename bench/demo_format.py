@@ -37,7 +37,7 @@ from freeal.embed import Embedder
 from freeal.llm import make_annotator
 from freeal.llm.base import Message
 from freeal.llm.native import cpu_name
-from freeal.llm.prompts import classification_prompt, system_prompt
+from freeal.llm.prompts import answered_turns, classification_prompt, system_prompt
 from freeal.tasks import Task, load_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +46,11 @@ DATA = ROOT.parent / "shared" / "data"
 
 def turns(task: Task, text: str, demonstrations: Sequence[tuple[str, str]] = ()) -> list[Message]:
     """Each demonstration a user turn answered by an assistant turn holding its label."""
-    messages: list[Message] = [{"role": "system", "content": system_prompt(task)}]
-    for d, label in demonstrations:
-        messages += [
-            {"role": "user", "content": f"Text: {d}\nLabel:"},
-            {"role": "assistant", "content": label},
-        ]
-    return [*messages, {"role": "user", "content": f"Text: {text}\nLabel:"}]
+    return [
+        {"role": "system", "content": system_prompt(task)},
+        *answered_turns(demonstrations, lambda d: f"Text: {d}\nLabel:"),
+        {"role": "user", "content": f"Text: {text}\nLabel:"},
+    ]
 
 
 def run_one(dataset: str, n: int, k: int, slice_seed: int, cache: Path) -> dict:

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from freeal.config import DataConfig, LLMConfig, RunConfig, validate
+from freeal.config import DataConfig, LLMConfig, LoopConfig, RunConfig, SLMConfig, validate
 from freeal.errors import FreeALError
 from freeal.extras import require
 from freeal.progress import emit, mode, sayer, set_mode
@@ -45,6 +45,9 @@ def display(quiet: bool, json_logs: bool) -> None:
 
 
 TextColumnOption = Annotated[str, typer.Option(help="Column holding the text.")]
+# `freeal train`'s option defaults are the configs' own, so the two cannot drift apart
+_SLM = {name: field.default for name, field in SLMConfig.model_fields.items()}
+_LOOP = {name: field.default for name, field in LoopConfig.model_fields.items()}
 
 
 @app.callback()
@@ -198,18 +201,21 @@ def train(
     test: Annotated[
         Path | None, typer.Option(help="Held-out texts with gold labels (inductive accuracy).")
     ] = None,
-    mode: Annotated[str, typer.Option(help="head (frozen encoder) or finetune (whole encoder).")] = "head",
+    mode: Annotated[
+        str,
+        typer.Option(help="head (frozen encoder) or finetune (whole encoder)."),
+    ] = _SLM["mode"],
     robust: Annotated[
         bool, typer.Option("--robust/--plain", help="Robust self-training or plain CE.")
     ] = True,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = _SLM["epochs"],
     warmup_epochs: Annotated[
         int,
         typer.Option(
             help="Epochs of plain cross-entropy on every label before the clean/noisy split "
             "begins (with fewer --epochs, training is plain throughout)."
         ),
-    ] = 2,
+    ] = _SLM["warmup_epochs"],
     backbone: Annotated[
         str | None,
         typer.Option(
@@ -217,15 +223,19 @@ def train(
             "mpnet for head, MiniLM for finetune)."
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    clean_fraction: Annotated[float, typer.Option(help="Per-class share of items for the clean set.")] = 0.2,
-    pool_size: Annotated[int, typer.Option(help="Demonstration pool size (balanced over classes).")] = 100,
-    k: Annotated[int, typer.Option(help="Nearest demonstrations listed per noisy item.")] = 10,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _SLM["device"],
+    clean_fraction: Annotated[
+        float, typer.Option(help="Per-class share of items for the clean set.")
+    ] = _LOOP["clean_fraction"],
+    pool_size: Annotated[
+        int,
+        typer.Option(help="Demonstration pool size (balanced over classes)."),
+    ] = _LOOP["pool_size"],
+    k: Annotated[int, typer.Option(help="Nearest demonstrations listed per noisy item.")] = _LOOP["k"],
+    seed: Annotated[int, typer.Option(help="Random seed.")] = _SLM["seed"],
 ) -> None:
     """Train the SLM robustly on noisy labels; write predictions, the clean split and demonstrations."""
     require("torch", "transformers", "sentence_transformers", what="`freeal train`")
-    from freeal.config import SLMConfig
     from freeal.data import read_items, write_jsonl_atomic, write_text_atomic
     from freeal.demos import nearest_demonstrations
     from freeal.embed import Embedder

@@ -8,7 +8,7 @@ two and are ordered by the caller (most similar last, nearest to the item).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from freeal.llm.base import Message
 from freeal.tasks import Task
@@ -90,15 +90,20 @@ def ner_prompt(
     ``(sentence, answer)`` pairs with the answer written in the requested format, given as earlier
     turns of the chat (small chat models follow answered turns better than examples inlined in one
     message: with inlined examples the 1.5B model answered ``END`` for most sentences)."""
-    turns: list[Message] = []
-    for demo_sentence, answer in demonstrations:
-        turns.append({"role": "user", "content": f"Sentence: {demo_sentence}"})
-        turns.append({"role": "assistant", "content": answer})
     return [
         {"role": "system", "content": ner_system_prompt(task, json_output)},
-        *turns,
+        *answered_turns(demonstrations, lambda s: f"Sentence: {s}"),
         {"role": "user", "content": f"Sentence: {sentence}"},
     ]
+
+
+def answered_turns(pairs: Sequence[tuple[str, str]], ask: Callable[[str], str]) -> list[Message]:
+    """Each ``(input, answer)`` pair as a user turn (``ask(input)``) answered by an assistant turn:
+    demonstrations as earlier turns of the chat rather than inlined in one message."""
+    turns: list[Message] = []
+    for given, answer in pairs:
+        turns += [{"role": "user", "content": ask(given)}, {"role": "assistant", "content": answer}]
+    return turns
 
 
 def ner_generation_prompt(task: Task, focus: str, style_texts: Sequence[str], n: int) -> list[Message]:
