@@ -64,10 +64,19 @@ while True:
 
 
 def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of this process and of its children (the SLM's fold workers), in MB; pages
+    they share (the memory-mapped vectors) are counted once per process, so this is an upper bound."""
+    pids = ["self"]
+    for task in Path("/proc/self/task").iterdir():
+        pids += (task / "children").read_text().split()
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:  # a worker that ended meanwhile
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total / 1024
 
 
 def cpu_seconds(pid: int) -> float:

@@ -180,6 +180,11 @@ class Embedder:
             memo.update(zip(texts, vectors, strict=True))
         return vectors
 
+    def vectors_of(self, texts: Sequence[str]) -> np.ndarray:
+        """The vectors of ``texts`` encoded together (the disk cache's memory map when cached), without
+        remembering them: what :meth:`encode` returns on first sight of this list."""
+        return self._encode(texts)
+
     def store(self, texts: Sequence[str], vectors: Iterable[np.ndarray]) -> Path:
         """Put vectors computed elsewhere (another process, a GPU machine, a service) into the disk
         cache as this encoder's vectors of ``texts``, so that a run finds them instead of encoding:

@@ -170,7 +170,7 @@ class Classification(TaskKind):
         self, items: Items, answers: Sequence[Any], cfg: SLMConfig, on_epoch: Callable[[dict], None]
     ) -> SLMFit:
         require("torch", "transformers", what="the SLM (classifier)")
-        from freeal.slm.classifier import SLMClassifier
+        from freeal.slm.folds import fit_with_held_out
 
         labels = list(answers)
         embedder = None
@@ -178,12 +178,12 @@ class Classification(TaskKind):
             from freeal.embed import Embedder, encoder_path, torch_device
 
             embedder = Embedder(encoder_path(cfg.backbone), device=torch_device(cfg.device), remember=True)
-        model = SLMClassifier(self.task.label_names, cfg, embedder=embedder).fit(
-            items.texts, labels, on_epoch=on_epoch
+        # held out (cross-fitting): a model's opinion of its own training labels is mostly the
+        # labels, memorised
+        model, held_out = fit_with_held_out(
+            self.task.label_names, cfg, items.texts, labels, embedder, on_epoch=on_epoch
         )
-        proba = model.train_proba_
-        if cfg.cross_fit >= 2:
-            proba = self._held_out(items.texts, labels, cfg, embedder)
+        proba = model.train_proba_ if held_out is None else held_out
         names = self.task.label_names
         predicted = [names[i] for i in proba.argmax(1)]
         return SLMFit(
@@ -198,25 +198,6 @@ class Classification(TaskKind):
             proba=proba,
             labels=names,
         )
-
-    def _held_out(self, texts: list[str], labels: list[Any], cfg: SLMConfig, embedder: Any) -> np.ndarray:
-        """Each text's probabilities from the fold model that did not see it (cross-fitting): a
-        model's opinion of its own training labels is mostly the labels, memorised."""
-        from sklearn.model_selection import KFold
-
-        from freeal.slm.classifier import SLMClassifier
-
-        proba = np.zeros((len(texts), len(self.task.label_names)))
-        folds = KFold(min(cfg.cross_fit, len(texts)), shuffle=True, random_state=cfg.seed)
-        for train, held in folds.split(texts):
-            if all(labels[i] is None for i in train):  # nothing to learn: no opinion
-                proba[held] = 1 / proba.shape[1]
-                continue
-            fold = SLMClassifier(self.task.label_names, cfg, embedder=embedder).fit(
-                [texts[i] for i in train], [labels[i] for i in train]
-            )
-            proba[held] = fold.predict_proba([texts[i] for i in held])
-        return proba
 
     def combine(
         self, items: Items, rounds: Sequence[tuple[list[dict], list[dict]]], slm_weight: float
