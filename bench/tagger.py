@@ -6,6 +6,14 @@ gold tags of the same sentences; scores each on the test slice (entity F1) and i
 against gold (share of clean-flagged sentences whose LLM tags are all right).
 
     python bench/tagger.py --run /tmp/nerbench/bc5cdr_200_default --test-limit 300
+
+``--labels final --settings run``: only the tagger with the run's own settings, trained on the
+run's final labels (``final/answers.jsonl``) and scored on the run's test slice, beside the test
+F1 of the run's own last-round tagger: what retraining the deployed tagger on the final labels
+would give.
+
+    python bench/tagger.py --run DIR/default_bc5cdr_300_s0 --test-limit 500 --seed 0 \
+        --labels final --settings run --tag final_s0
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--tag", default="default")
+    parser.add_argument("--labels", choices=["round-0", "final"], default="round-0")
+    parser.add_argument("--settings", choices=["bench", "run"], default="bench")
     args = parser.parse_args()
     task = load_task(DATA / args.dataset)
     spec = json.loads((args.run / "run.json").read_text())
@@ -46,10 +56,11 @@ def main() -> None:
     by_id = dict(zip(gold_all.ids, gold_all.gold or [], strict=True))
     gold = [by_id[i] for i in ids]  # evaluation only
     tokens = [r["tokens"] for r in items]
-    labels = read_jsonl(args.run / "round-0/llm/labels.jsonl")
+    source = "round-0/llm/labels.jsonl" if args.labels == "round-0" else "final/answers.jsonl"
+    spans = {r["id"]: r["spans"] for r in read_jsonl(args.run / source)}
     given = [
-        None if r["spans"] is None else tags_from_spans(len(t), r["spans"])
-        for r, t in zip(labels, tokens, strict=True)
+        None if spans[i] is None else tags_from_spans(len(t), spans[i])
+        for i, t in zip(ids, tokens, strict=True)
     ]
     exact = np.asarray([g == t for g, t in zip(given, gold, strict=True)])
     test = read_sentences(
@@ -62,9 +73,12 @@ def main() -> None:
         "plain CE": (given, {"robust": False}),
         "gold tags, plain CE": (gold, {"robust": False}),
     }
+    if args.settings == "run":  # the loop's own tagger, as the run made it
+        base = {**spec["slm"], "device": "cpu"}
+        variants = {f"the run's settings, {args.labels} labels": (given, {})}
     rows = []
     for name, (tags, extra) in variants.items():
-        cfg = SLMConfig(**base, **extra)
+        cfg = SLMConfig(**{**base, **extra})
         start = time.perf_counter()
         tagger = SLMTagger(task.label_names, cfg).fit(tokens, tags)
         seconds = time.perf_counter() - start
@@ -80,6 +94,9 @@ def main() -> None:
             row["clean_share"] = float(mask.mean())
             row["clean_precision"] = float(exact[mask].mean()) if mask.any() else None
             row["noisy_precision"] = float(exact[~mask].mean()) if (~mask).any() else None
+        if args.settings == "run":
+            report = json.loads((args.run / "report.json").read_text())
+            row["run_last_round_tagger_inductive"] = report["rounds"][-1]["slm"]["inductive"]
         rows.append(row)
         print(name, round(row["inductive"]["f1"], 4), row.get("clean_share"), row.get("clean_precision"))
     out = ROOT / "bench" / "results" / f"tagger_{args.dataset}_{len(tokens)}_{args.tag}.json"
@@ -87,7 +104,7 @@ def main() -> None:
         json.dumps(
             {
                 "dataset": args.dataset,
-                "labels": f"initial-round LLM labels of {spec['texts']['n']} train sentences "
+                "labels": f"{args.labels} labels of {spec['texts']['n']} train sentences "
                 f"({float(exact.mean()):.3f} of sentences entirely right)",
                 "test": f"random {len(test)} test sentences (seed {args.seed})",
                 "settings": base,

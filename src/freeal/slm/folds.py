@@ -5,7 +5,8 @@ and asks it about the fold it did not see: a model's opinion of its own training
 the labels, memorised. In ``head`` mode on a CPU these six small fits are most of freeal's own time
 per round (72% of the 10k-text loop, BENCHMARKS.md), and each uses one core as fast as two (the
 batches are small). So on a machine with several cores the folds are trained beside the main model,
-in worker processes of one thread each, and the round takes about half the time on 2 cores.
+in worker processes of one thread each, kept from round to round: on 2 cores the SLM step of the
+10k loop took 39% less time, and 1.5x less at 1,000 texts once the worker had started.
 
 The answers are the same as one process gives, bit for bit: every fit seeds its own generators
 when it starts, a fold's inputs are the rows the shared embedder would give it, and one torch
@@ -36,10 +37,10 @@ from freeal.config import SLMConfig
 from freeal.errors import FreeALError
 from freeal.slm.classifier import SLMClassifier
 
-#: Fewer items than this train their folds in this process: a worker's start (a fresh interpreter
-#: importing torch, about 2 s) costs more than it saves on small sets.
+#: Fewer items than this train their folds in this process. A worker's start (a fresh interpreter
+#: importing torch and scikit-learn: about 5 s of a core) is paid back from the second round on at
+#: 1,000 texts, where the six fits take 4-5 s in one process (BENCHMARKS.md); below, it is not.
 PARALLEL_MIN_ITEMS = 1000
-
 
 #: processes the folds may use, this one included (1: all in this one); default: the cores
 ENV_VAR = "FREEAL_SLM_PROCESSES"
