@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def fit_with_held_out(
     )
     lanes = plan_lanes(len(folds), cores() if _parallel(cfg, len(texts)) else 1)
     proba = np.zeros((len(texts), len(labels))) if folds else None
-    with _workers(lanes[1:], folds, labels, cfg, texts, given, embedder) as workers:
+    with _workers(lanes[1:], _Fits(folds, labels, cfg, texts, given, embedder)) as workers:
         model = SLMClassifier(labels, cfg, embedder=embedder).fit(texts, given, on_epoch=on_epoch)
         results = [(f, fold_proba(labels, cfg, embedder, texts, given, *folds[f])) for f in lanes[0]]
         for f, result in [*results, *workers()]:
@@ -128,6 +129,19 @@ def plan_lanes(n_folds: int, n_lanes: int) -> list[list[int]]:
         lanes[lane].append(f)
         work[lane] += 1.0
     return lanes
+
+
+@dataclass
+class _Fits:
+    """What the folds train from: each fold's (train, held) rows, the label set, the settings, the
+    texts, their given labels, and the embedder that holds their vectors."""
+
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    labels: Sequence[str]
+    cfg: SLMConfig
+    texts: Sequence[str]
+    given: Sequence[str | None]
+    embedder: Any
 
 
 class _Worker:
@@ -202,15 +216,7 @@ atexit.register(stop_workers)
 
 
 @contextmanager
-def _workers(
-    lanes: list[list[int]],
-    folds: list[tuple[np.ndarray, np.ndarray]],
-    labels: Sequence[str],
-    cfg: SLMConfig,
-    texts: Sequence[str],
-    given: Sequence[str | None],
-    embedder: Any,
-) -> Iterator[Callable[[], Iterator[tuple[int, np.ndarray]]]]:
+def _workers(lanes: list[list[int]], fits: _Fits) -> Iterator[Callable[[], Iterator[tuple[int, np.ndarray]]]]:
     """Give each lane with folds to a worker; yield a function that waits for their results. This
     process trains with one thread meanwhile (two threads against busy workers run many times
     slower). Leaving the block early stops the workers (they may be busy with an abandoned job)."""
@@ -229,7 +235,7 @@ def _workers(
         job = Path(tmp)
         done = False
         try:
-            _write_job(job, folds, labels, cfg, texts, given, embedder)
+            _write_job(job, fits)
             for worker, lane in zip(workers, lanes, strict=True):
                 worker.send(job, lane)
             torch.set_num_threads(1)
@@ -248,19 +254,12 @@ def _workers(
                 stop_workers()
 
 
-def _write_job(
-    job: Path,
-    folds: list[tuple[np.ndarray, np.ndarray]],
-    labels: Sequence[str],
-    cfg: SLMConfig,
-    texts: Sequence[str],
-    given: Sequence[str | None],
-    embedder: Any,
-) -> None:
+def _write_job(job: Path, fits: _Fits) -> None:
     """What a worker needs: the settings, the labels as codes, the folds, and the texts' vectors as
     the shared embedder would give them to a fold (a text's vector is that of its last occurrence,
     as the embedder remembers it), addressed by row."""
-    vectors = embedder.vectors_of(texts)
+    labels, texts, given = fits.labels, fits.texts, fits.given
+    vectors = fits.embedder.vectors_of(texts)
     path = getattr(vectors, "filename", None)
     if path is None:
         path = job / "vectors.npy"
@@ -269,10 +268,10 @@ def _write_job(
     index = {name: i for i, name in enumerate(labels)}
     np.save(job / "rows.npy", np.asarray([last[t] for t in texts], dtype=np.int64))
     np.save(job / "given.npy", np.asarray([-1 if g is None else index[g] for g in given], dtype=np.int64))
-    for f, (train, held) in enumerate(folds):
+    for f, (train, held) in enumerate(fits.folds):
         np.save(job / f"train{f}.npy", train)
         np.save(job / f"held{f}.npy", held)
-    meta = {"labels": list(labels), "config": cfg.model_dump(), "vectors": str(path)}
+    meta = {"labels": list(labels), "config": fits.cfg.model_dump(), "vectors": str(path)}
     (job / "job.json").write_text(json.dumps(meta))
 
 
