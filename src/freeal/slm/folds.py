@@ -75,32 +75,13 @@ def fit_with_held_out(
         else []
     )
     lanes = plan_lanes(len(folds), cores() if _parallel(cfg, len(texts)) else 1)
-    proba = np.zeros((len(texts), len(labels))) if folds else None
-    with _workers(lanes[1:], _Fits(folds, labels, cfg, texts, given, embedder)) as workers:
+    fits = _Fits(folds, labels, cfg, texts, given, embedder)
+    held_out = np.zeros((len(texts), len(labels)))
+    with _workers(lanes[1:], fits) as workers:
         model = SLMClassifier(labels, cfg, embedder=embedder).fit(texts, given, on_epoch=on_epoch)
-        results = [(f, fold_proba(labels, cfg, embedder, texts, given, *folds[f])) for f in lanes[0]]
-        for f, result in [*results, *workers()]:
-            assert proba is not None
-            proba[folds[f][1]] = result
-    return model, proba
-
-
-def fold_proba(
-    labels: Sequence[str],
-    cfg: SLMConfig,
-    embedder: Any,
-    texts: Sequence[str],
-    given: Sequence[str | None],
-    train: np.ndarray,
-    held: np.ndarray,
-) -> np.ndarray:
-    """The probabilities of the ``held`` items from a model trained on the ``train`` items (uniform
-    when those were all abstentions: nothing to learn, no opinion)."""
-    if all(given[i] is None for i in train):
-        return np.full((len(held), len(labels)), 1 / len(labels))
-    model = SLMClassifier(labels, cfg, embedder=embedder)
-    model.fit([texts[i] for i in train], [given[i] for i in train])
-    return model.predict_proba([texts[i] for i in held])
+        for f, proba in [*((f, fits.held_proba(f)) for f in lanes[0]), *workers()]:
+            held_out[folds[f][1]] = proba
+    return model, held_out if folds else None
 
 
 def _parallel(cfg: SLMConfig, n: int) -> bool:
@@ -142,6 +123,16 @@ class _Fits:
     texts: Sequence[str]
     given: Sequence[str | None]
     embedder: Any
+
+    def held_proba(self, f: int) -> np.ndarray:
+        """Fold ``f``'s held items' probabilities from a model trained on its other items (uniform
+        when those were all abstentions: nothing to learn, no opinion)."""
+        train, held = self.folds[f]
+        if all(self.given[i] is None for i in train):
+            return np.full((len(held), len(self.labels)), 1 / len(self.labels))
+        model = SLMClassifier(self.labels, self.cfg, embedder=self.embedder)
+        model.fit([self.texts[i] for i in train], [self.given[i] for i in train])
+        return model.predict_proba([self.texts[i] for i in held])
 
 
 class _Worker:
@@ -271,7 +262,12 @@ def _write_job(job: Path, fits: _Fits) -> None:
     for f, (train, held) in enumerate(fits.folds):
         np.save(job / f"train{f}.npy", train)
         np.save(job / f"held{f}.npy", held)
-    meta = {"labels": list(labels), "config": fits.cfg.model_dump(), "vectors": str(path)}
+    meta = {
+        "labels": list(labels),
+        "config": fits.cfg.model_dump(),
+        "vectors": str(path),
+        "folds": len(fits.folds),
+    }
     (job / "job.json").write_text(json.dumps(meta))
 
 
@@ -288,15 +284,18 @@ class _Rows:
 def _work(job: Path, fold_numbers: list[int]) -> None:
     """Train the given folds of a job and write each one's held-out probabilities."""
     meta = json.loads((job / "job.json").read_text())
-    labels, cfg = meta["labels"], SLMConfig(**meta["config"])
-    embedder = _Rows(np.load(meta["vectors"], mmap_mode="r"))
-    texts = [str(row) for row in np.load(job / "rows.npy")]
-    given = [None if code < 0 else labels[code] for code in np.load(job / "given.npy")]
+    labels = meta["labels"]
+    fits = _Fits(
+        folds=[(np.load(job / f"train{f}.npy"), np.load(job / f"held{f}.npy")) for f in range(meta["folds"])],
+        labels=labels,
+        cfg=SLMConfig(**meta["config"]),
+        texts=[str(row) for row in np.load(job / "rows.npy")],
+        given=[None if code < 0 else labels[code] for code in np.load(job / "given.npy")],
+        embedder=_Rows(np.load(meta["vectors"], mmap_mode="r")),
+    )
     for f in fold_numbers:
-        train, held = np.load(job / f"train{f}.npy"), np.load(job / f"held{f}.npy")
-        proba = fold_proba(labels, cfg, embedder, texts, given, train, held)
         tmp = job / f"fold{f}.tmp.npy"
-        np.save(tmp, proba)
+        np.save(tmp, fits.held_proba(f))
         tmp.replace(job / f"fold{f}.npy")
 
 
