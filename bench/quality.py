@@ -72,7 +72,6 @@ def run_one(
     runner = FreeAL(task, llm, slm, loop, run_dir=run_dir, progress=False, say=print)
     runner.fit(items, test=test)
     report = runner.report_
-    last = report["rounds"][-1]
     return {
         "dataset": dataset,
         "preset": preset,
@@ -88,10 +87,17 @@ def run_one(
         "zero_shot": score(report["zero_shot"]["metrics"]),
         "llm_labels": [score(rd["llm"]["metrics"]) for rd in report["rounds"]],
         "final": score(report["final"]["metrics"]),
-        "slm_test": score((last["slm"] or {}).get("inductive")),
+        "slm_test": score(handed_back(report).get("inductive")),
         "metric": "entity_f1" if task.kind == "ner" else "accuracy",
         "report": report,
     }
+
+
+def handed_back(report: dict) -> dict:
+    """The step of the SLM a run hands back: trained on the final labels (``deployed_slm``), or
+    the last round's (the step then says which round: the final labels were its answers)."""
+    deployed = report.get("deployed_slm") or {}
+    return deployed if "epochs" in deployed else report["rounds"][-1]["slm"] or {}
 
 
 def weight_sensitivity(run: dict, weights: tuple[float, ...] = (0, 0.25, 0.5, 1, 2)) -> dict:

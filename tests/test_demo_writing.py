@@ -158,7 +158,7 @@ def test_shared_groups_partition_the_items() -> None:
 
 def test_shared_demonstrations_evaluate_far_fewer_tokens(data_dir, smollm2, tmp_path) -> None:
     task = load_task(data_dir / "sst2")
-    items = read_items(data_dir / "sst2" / "train.jsonl", task=task, limit=36, seed=2)
+    items = read_items(data_dir / "sst2" / "train.jsonl", task=task, limit=24, seed=2)
     pool = read_items(data_dir / "sst2" / "dev.jsonl", task=task, limit=12, seed=2)
     demos = list(zip(pool.texts, pool.gold, strict=True))
     embed = Embedder(device="cpu")

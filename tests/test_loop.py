@@ -113,6 +113,9 @@ def test_rounds_happen_and_every_step_is_written(finished):
     saved = read_jsonl(loop.run_dir / "labels.jsonl")
     assert [r["label"] for r in saved] == frame["label"].tolist()
     assert loop.slm_.predict(["Who wrote Hamlet ?"])[0] in loop.task.label_names
+    # a classifier deploys its last round's SLM (retraining on the final labels did not pay)
+    assert loop.loop_config.deployed_slm == "last_round"
+    assert loop.slm_path_ == loop.run_dir / "round-2/slm/model" and not (loop.run_dir / "final/slm").exists()
 
 
 def test_refinery_asks_only_noisy_items_and_keeps_the_rest(finished):
@@ -167,7 +170,10 @@ def _calls_before(report: dict, step: str) -> int:
     raise AssertionError(step)
 
 
-@pytest.mark.parametrize("step", ["demos", "round-0/llm", "round-0/slm", "round-1/llm"])
+# written demonstrations, a refinery pass, and a step boundary (the kill as an SLM step starts);
+# a kill inside the initial round takes the refinery's path (one scoring pass), and random kills
+# anywhere are tests/test_faults.py's
+@pytest.mark.parametrize("step", ["demos", "round-0/slm", "round-1/llm"])
 def test_killed_run_resumes_without_repeating_llm_calls(step, finished, slice_, smollm2, tmp_path):
     loop, full, frame = finished
     task, items, test = slice_
@@ -211,7 +217,7 @@ def test_a_run_folder_refuses_other_settings(finished, slice_, smollm2):
 
 def test_lists_and_dataframes_are_accepted(slice_, smollm2, tmp_path):
     task, items, _ = slice_
-    loop_cfg = LOOP.model_copy(update={"refinery_rounds": 0})
+    loop_cfg = LOOP.model_copy(update={"refinery_rounds": 0, "initial_demos": "none"})  # inputs only
     texts = items.texts[:16]
     a, _ = run(task, smollm2, tmp_path / "c.sqlite", tmp_path / "a", loop=loop_cfg)
     from_list = a.fit(texts)

@@ -228,33 +228,19 @@ def test_written_demonstrations_keep_only_readable_aligned_new_sentences(tmp_pat
     assert parse_demo_blocks("no blocks at all", TYPES) == ([], 0, 0)
 
 
-@pytest.fixture(scope="module")
-def bc5cdr(data_dir):
-    task = load_task(data_dir / "bc5cdr")
-    train = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=150, seed=0)
-    test = read_sentences(data_dir / "bc5cdr" / "test.jsonl", task=task, limit=100, seed=0)
-    return task, train, test
-
-
-def test_tagger_learns_a_real_slice_and_reloads(bc5cdr, tmp_path):
-    task, train, test = bc5cdr
-    cfg = SLMConfig(epochs=4, warmup_epochs=4, batch_size=16, device="cpu")
-    tagger = SLMTagger(task.label_names, cfg).fit(train.tokens, train.gold)
-    predicted = tagger.predict(test.tokens)
-    f1 = ner_report(test.gold, predicted)["f1"]
-    assert f1 > 0.3, f1  # an all-O tagger scores 0
-    tagger.save(tmp_path / "m")
-    assert SLMTagger.load(tmp_path / "m", device="cpu").predict(test.tokens[:5]) == predicted[:5]
+def test_tagger_refuses_tags_that_do_not_fit_their_sentence():
+    cfg = SLMConfig(epochs=1, warmup_epochs=1, device="cpu")
     with pytest.raises(FreeALError, match="sentence 1: 2 tokens but 1 tags"):
-        SLMTagger(task.label_names, cfg).fit([["a", "b"]], [["O"]])
+        SLMTagger(["Chemical"], cfg).fit([["a", "b"]], [["O"]])
     with pytest.raises(FreeALError, match="no sentence has tags"):
-        SLMTagger(task.label_names, cfg).fit([["a", "b"]], [None])
+        SLMTagger(["Chemical"], cfg).fit([["a", "b"]], [None])
 
 
-def test_sentence_split_separates_injected_noise(data_dir):
+def test_tagger_learns_through_injected_noise_splits_it_off_and_reloads(data_dir, tmp_path):
     # 300 sentences: on 150 the tagger has not learned enough in 5 epochs for losses to separate
     task = load_task(data_dir / "bc5cdr")
     train = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=300, seed=0)
+    test = read_sentences(data_dir / "bc5cdr" / "test.jsonl", task=task, limit=100, seed=0)
     rng = np.random.default_rng(0)
     noisy_tags = []
     corrupted = np.zeros(len(train), dtype=bool)
@@ -272,6 +258,11 @@ def test_sentence_split_separates_injected_noise(data_dir):
     assert 0.2 < tagger.clean_mask_.mean() < 0.95
     assert clean.mean() > right.mean() + 0.05, (clean.mean(), right.mean())
     assert noisy.mean() < right.mean() - 0.15, (noisy.mean(), right.mean())
+    predicted = tagger.predict(test.tokens)
+    f1 = ner_report(test.gold, predicted)["f1"]
+    assert f1 > 0.3, f1  # an all-O tagger scores 0
+    tagger.save(tmp_path / "m")
+    assert SLMTagger.load(tmp_path / "m", device="cpu").predict(test.tokens[:5]) == predicted[:5]
 
 
 # enough for the tagger to reproduce some of SmolLM2's entity lists on 16 sentences, so that the
@@ -338,6 +329,17 @@ def test_ner_loop_runs_reports_and_resumes_after_a_kill(data_dir, smollm2, tmp_p
     kept = ~after["asked"]
     assert all(a == b["spans"] for a, b, k in zip(after["spans"], before, kept, strict=True) if k)
 
+    # the tagger handed back is trained once more, on the final labels (the vote of every round)
+    final = [r["spans"] for r in read_jsonl(loop.run_dir / "final/answers.jsonl")]
+    assert final != after["spans"].tolist()
+    assert loop.slm_path_ == loop.run_dir / "final/slm/model"
+    assert report["deployed_slm"]["inductive"]["n"] == 10
+    # killed before that step finished: resumed, it trains again and asks the LLM nothing
+    (loop.run_dir / "final/slm/step.json").unlink()
+    again = _run(task, smollm2, tmp_path / "a.sqlite", tmp_path / "a")[0]
+    assert again.fit(train, test=test)["tags"].tolist() == frame["tags"].tolist()
+    assert again.annotator.ledger.calls == 0 and (loop.run_dir / "final/slm/step.json").is_file()
+
     # killed in the middle of the refinery round, then resumed: no LLM answer is paid twice
     halfway = report["rounds"][0]["llm"]["llm_usage"]["calls"] + 2
     first, killed = _run(task, Killer(smollm2, halfway), tmp_path / "b.sqlite", tmp_path / "b")
@@ -360,7 +362,7 @@ test: {{path: {data_dir / "bc5cdr" / "test.jsonl"}, limit: 8}}
 out: out
 llm: {{model: smollm2-135m, cache_path: cache.sqlite}}
 slm: {{epochs: 2, warmup_epochs: 1, device: cpu}}
-loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size: 6}}
+loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size: 6, final_label: llm}}
 """
     )
     result = subprocess.run(
@@ -372,6 +374,9 @@ loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size:
     assert result.returncode == 0, result.stderr
     assert "12 sentences" in result.stdout + result.stderr and "refinery 1" in result.stderr
     assert "entities per type" in result.stderr
+    # final labels = the LLM's last answers: the last round's tagger learned them already
+    assert f"model: {tmp_path / 'out' / 'round-1' / 'slm' / 'model'}" in result.stderr
+    assert not (tmp_path / "out" / "final" / "slm" / "model").exists()
     labels = read_jsonl(tmp_path / "out" / "labels.jsonl")
     assert len(labels) == 12 and all(r["tags"] is None or len(r["tags"]) == len(r["tokens"]) for r in labels)
 
@@ -384,6 +389,11 @@ def test_initial_round_backbone_and_slm_weight_default_to_the_kind(data_dir):
     # the tagger's vote outweighs the LLM's on NER; a classifier's probabilities weigh half
     assert (ner.loop_config.slm_weight, classification.loop_config.slm_weight) == (2.0, 0.5)
     assert FreeAL(TASK, loop=LoopConfig(slm_weight=0.25), progress=False).loop_config.slm_weight == 0.25
+    # the deployed tagger learns the final labels; a classifier keeps its last round's model
+    assert (ner.loop_config.deployed_slm, classification.loop_config.deployed_slm) == (
+        "final_labels",
+        "last_round",
+    )
     assert ner.slm_config.backbone == "all-minilm-l6-v2"
     assert classification.slm_config.backbone == "all-mpnet-base-v2"
     for device, encoder in (("cpu", "all-minilm-l6-v2"), ("cuda", "all-mpnet-base-v2")):

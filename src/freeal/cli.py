@@ -463,6 +463,7 @@ def run(
             per_type.add_row(*row)
         shown.print(per_type)
     console.print(f"labels: {run_dir / 'labels.jsonl'}", soft_wrap=True)
+    console.print(f"model: {loop.slm_path_}", soft_wrap=True)
     console.print(f"report: {run_dir / 'report.html'}", soft_wrap=True)
 
 

@@ -246,6 +246,9 @@ def plan_run(
     for r in range(1, loop.refinery_rounds + 1):
         stages.append(refine.stage(f"round {r} refinery", groups(asked), np.full(asked, mean_length)))
         stages.append(Stage(f"round {r} SLM", seconds=later_train))
+    retrained = (kind.deployed_slm if loop.deployed_slm == "auto" else loop.deployed_slm) == "final_labels"
+    if retrained:
+        stages.append(Stage("SLM on the final labels", seconds=later_train))
     plan: dict = {
         "items": n,
         "unit": kind.unit,
@@ -255,7 +258,7 @@ def plan_run(
         "probe_calls": len(timed.log),
         "stages": [asdict(s) for s in stages],
         "total": asdict(_sum(stages)),
-        "disk_mb": _disk_mb(texts, loop.refinery_rounds, kind.unit, model_mb),
+        "disk_mb": _disk_mb(texts, loop.refinery_rounds + retrained, kind.unit, model_mb),
     }
     low = _sum([s for s in stages if "refinery" not in s.name])
     refinery_seconds = plan["total"]["seconds"] - low.seconds

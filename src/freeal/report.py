@@ -99,12 +99,14 @@ def collect(run_dir: str | Path) -> dict:
         )
         r += 1
     final = _columns(run_dir / "final/answers.jsonl", key, "confidence")
+    deployed = _read(run_dir / "final/slm/step.json")
     steps: list[dict[str, Any]] = [
         s
         for s in (
             _read(run_dir / "zero-shot/step.json"),
             _read(run_dir / "demos/step.json"),
             *(x for rd in rounds for x in (rd["llm"], rd["slm"], rd["feedback"])),
+            deployed,
         )
         if s
     ]
@@ -118,6 +120,7 @@ def collect(run_dir: str | Path) -> dict:
         "demos": _read(run_dir / "demos/step.json"),
         "rounds": rounds,
         "final": _read(run_dir / "final/step.json"),
+        "deployed_slm": deployed,
         "final_confidence": _histogram(final["confidence"]),
         "examples": _examples(
             run_dir / "items.jsonl",
@@ -281,11 +284,17 @@ def rows(report: dict) -> list[list[str]]:
         )
     final = report.get("final")
     if final:
+        # the SLM trained once more on the final labels, when it was (deployed_slm: final_labels)
+        slm = report.get("deployed_slm") or {}
         stages.append(
             {
                 "stage": f"final ({'LLM + SLM' if final['rule'] == 'combined' else 'LLM'})",
                 "changed": str(final["changed_from_llm"]),
+                **({"SLM s": f"{slm['seconds']:.0f}"} if "epochs" in slm else {}),
                 "labels acc./F1": _acc(final.get("metrics")),
+                "SLM train": _acc(slm.get("transductive")),
+                "SLM test": _acc(slm.get("inductive")),
+                "clean prec.": _pct(slm.get("clean_precision")),
             }
         )
     return [[s.get(name, "–") for name in HEADER] for s in stages]
@@ -360,6 +369,10 @@ def _plots(report: dict) -> list[tuple[str, str]]:
         final = score((report.get("final") or {}).get("metrics"))
         if final is not None:
             ax.plot([len(xs)], [final], marker="*", markersize=14, linestyle="", label="final labels")
+        deployed = score((report.get("deployed_slm") or {}).get("inductive"))
+        if deployed is not None:
+            label = "SLM on the final labels, test"
+            ax.plot([len(xs)], [deployed], marker="P", markersize=10, linestyle="", label=label)
         zs = score((report.get("zero_shot") or {}).get("metrics"))
         if zs is not None:
             ax.axhline(zs, color="grey", linestyle="--", label="zero-shot labels")

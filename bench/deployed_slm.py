@@ -1,0 +1,86 @@
+"""Benchmark: which SLM to hand back, the last round's or one trained once more on the final labels?
+
+For each kept quality run (``bench/quality.py --keep DIR``): the SLM trained with the run's own
+settings on the run's final labels (``final/answers.jsonl``), as the loop's ``deployed_slm:
+final_labels`` step trains it, scored on the run's test slice beside the run's last-round SLM.
+Either kind of task (the loop's :class:`~freeal.kinds.base.TaskKind` trains and predicts). Gold
+labels only score; the SLM sees the final labels alone. Run alone: it trains models.
+
+    python bench/deployed_slm.py --runs DIR --datasets sst2 mr trec --seeds 0 1 2 --limit 1000 \
+        --out bench/results/deployed_slm_classification.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from freeal.config import SLMConfig
+from freeal.data import read_items, read_jsonl, read_sentences
+from freeal.kinds import kind_of
+from freeal.report import score
+from freeal.tasks import load_task
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def one(run: Path, dataset: str, limit: int, seed: int, test_limit: int) -> dict:
+    """The run's last-round SLM and the SLM trained on its final labels, on the run's test slice."""
+    task = load_task(DATA / dataset)
+    kind = kind_of(task)
+    read = read_sentences if task.kind == "ner" else read_items
+    items = read(DATA / dataset / "train.jsonl", task=task, limit=limit, seed=seed)
+    test = read(DATA / dataset / "test.jsonl", task=task, limit=test_limit, seed=seed)
+    if items.ids != [r["id"] for r in read_jsonl(run / "items.jsonl")]:
+        raise SystemExit(f"{run}: its items are not the slice (data set {dataset}, seed {seed})")
+    spec = json.loads((run / "run.json").read_text())
+    report = json.loads((run / "report.json").read_text())
+    final = [r[kind.answer_key] for r in read_jsonl(run / "final/answers.jsonl")]
+    last = report["final"]["round"]
+    start = time.perf_counter()
+    fit = kind.train(items, final, SLMConfig(**spec["slm"]), lambda entry: None)
+    seconds = time.perf_counter() - start
+    return {
+        "run": run.name,
+        "final_labels": score(report["final"]["metrics"]),
+        "last_round_slm_test": score(report["rounds"][last]["slm"]["inductive"]),
+        "final_labels_slm_test": score(kind.score(test.gold, kind.predict(fit.model, test))),
+        "seconds": seconds,
+        "test": len(test),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, required=True, help="bench/quality.py's --keep folder")
+    parser.add_argument("--datasets", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--limit", type=int, required=True)
+    parser.add_argument("--test-limit", type=int, default=500)
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    out: dict = {}
+    for dataset in args.datasets:
+        rows = []
+        for seed in args.seeds:
+            run = args.runs / f"{args.preset}_{dataset}_{args.limit}_s{seed}"
+            rows.append(one(run, dataset, args.limit, seed, args.test_limit))
+            print(json.dumps(rows[-1]), flush=True)
+        gain = [100 * (r["final_labels_slm_test"] - r["last_round_slm_test"]) for r in rows]
+        out[dataset] = {
+            "slices": rows,
+            "gain_points": gain,
+            "gain_mean": statistics.mean(gain),
+            "gain_sd": statistics.stdev(gain) if len(gain) > 1 else None,
+        }
+        args.out.write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
