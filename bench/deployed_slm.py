@@ -7,7 +7,7 @@ Either kind of task (the loop's :class:`~freeal.kinds.base.TaskKind` trains and 
 labels only score; the SLM sees the final labels alone. Run alone: it trains models.
 
     python bench/deployed_slm.py --runs DIR --datasets sst2 mr trec --seeds 0 1 2 --limit 1000 \
-        --out bench/results/deployed_slm_classification.json
+        --out bench/results/deployed_slm_chatturn_runs.json
 """
 
 from __future__ import annotations

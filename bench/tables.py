@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from freeal.annotate import label_entropy
+from freeal.report import score
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -189,6 +190,38 @@ def quality(preset: str = "default") -> None:
         )
 
 
+def deployed_slm(preset: str = "default") -> None:
+    """The SLM a run hands back, per quality run that trained it on the final labels
+    (``deployed_slm: final_labels``): test score of the last round's SLM and of the retrained one,
+    each one's gap to the final labels, and the extra step's seconds; then the mean ± spread."""
+    import statistics
+
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"quality_{preset}_*_s*.json"))]
+    runs = [r for r in runs if "epochs" in (r["report"].get("deployed_slm") or {})]
+    print("| data | seed | final labels | last round's SLM, test | on the final labels, test | change | s |")
+    print("|---|---|---|---|---|---|---|")
+    for dataset in dict.fromkeys(r["dataset"] for r in runs):
+        mine = sorted((r for r in runs if r["dataset"] == dataset), key=lambda r: r["seed"])
+        rows = []
+        for r in mine:
+            report = r["report"]
+            last = score(report["rounds"][report["final"]["round"]]["slm"]["inductive"])
+            now = score(report["deployed_slm"]["inductive"])
+            rows.append((r["final"], last, now))
+            print(
+                f"| {dataset} | {r['seed']} | {r['final']:.3f} | {last:.3f} | {now:.3f} "
+                f"| {100 * (now - last):+.1f} | {report['deployed_slm']['seconds']:.0f} |"
+            )
+        change = [100 * (now - last) for _, last, now in rows]
+        spread = f" ± {statistics.stdev(change):.1f}" if len(change) > 1 else ""
+        gap = [100 * (now - final) for final, _, now in rows]
+        print(
+            f"| **{dataset} mean** | {len(rows)} slices | {statistics.mean(f for f, _, _ in rows):.3f} "
+            f"| {statistics.mean(x for _, x, _ in rows):.3f} | {statistics.mean(x for _, _, x in rows):.3f} "
+            f"| **{statistics.mean(change):+.1f}{spread}** (to the labels {statistics.mean(gap):+.1f}) | |"
+        )
+
+
 def slm_on_final_labels() -> None:
     """Issue 12's SLM target: the SLM a user trains on freeal's final labels (``bench/slm.py
     --labels file --labels-file RUN/labels.jsonl``), its test accuracy against those labels' own
@@ -276,6 +309,7 @@ def scale_loop() -> None:
 if __name__ == "__main__":
     scale_loop()
     quality()
+    deployed_slm()
     slm_on_final_labels()
     quality("paper")
     zeroshot()

@@ -197,7 +197,7 @@ def test_plan_and_dry_run_print_the_stages_and_run_nothing(data_dir, tmp_path):
     )
     found = json.loads(plan.read_text())
     assert [s["name"] for s in found["stages"]][1:] == [
-        "round 0 (every item)", "round 0 SLM", "round 1 refinery", "round 1 SLM",
+        "round 0 (every item)", "round 0 SLM", "round 1 refinery", "round 1 SLM", "SLM on the final labels",
     ]  # fmt: skip
     assert found["stages"][1]["calls"] >= 40 and found["total"]["seconds"] > 0 and "cost" in found
     assert "round 1 refinery" in done.stderr and "cost at the given prices" in done.stderr

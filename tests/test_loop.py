@@ -47,6 +47,7 @@ STEPS = [
     "round-2/llm",
     "round-2/slm",
     "final",
+    "final/slm",
 ]
 
 
@@ -113,9 +114,11 @@ def test_rounds_happen_and_every_step_is_written(finished):
     saved = read_jsonl(loop.run_dir / "labels.jsonl")
     assert [r["label"] for r in saved] == frame["label"].tolist()
     assert loop.slm_.predict(["Who wrote Hamlet ?"])[0] in loop.task.label_names
-    # a classifier deploys its last round's SLM (retraining on the final labels did not pay)
-    assert loop.loop_config.deployed_slm == "last_round"
-    assert loop.slm_path_ == loop.run_dir / "round-2/slm/model" and not (loop.run_dir / "final/slm").exists()
+    # the SLM handed back learned the final labels (the LLM's weighed with the SLM's)
+    final = [r["label"] for r in read_jsonl(loop.run_dir / "final/answers.jsonl")]
+    assert final != [r["label"] for r in read_jsonl(loop.run_dir / "round-2/llm/labels.jsonl")]
+    assert loop.slm_path_ == loop.run_dir / "final/slm/model"
+    assert loop.report_["deployed_slm"]["inductive"]["n"] == len(loop.test)
 
 
 def test_refinery_asks_only_noisy_items_and_keeps_the_rest(finished):

@@ -389,11 +389,6 @@ def test_initial_round_backbone_and_slm_weight_default_to_the_kind(data_dir):
     # the tagger's vote outweighs the LLM's on NER; a classifier's probabilities weigh half
     assert (ner.loop_config.slm_weight, classification.loop_config.slm_weight) == (2.0, 0.5)
     assert FreeAL(TASK, loop=LoopConfig(slm_weight=0.25), progress=False).loop_config.slm_weight == 0.25
-    # the deployed tagger learns the final labels; a classifier keeps its last round's model
-    assert (ner.loop_config.deployed_slm, classification.loop_config.deployed_slm) == (
-        "final_labels",
-        "last_round",
-    )
     assert ner.slm_config.backbone == "all-minilm-l6-v2"
     assert classification.slm_config.backbone == "all-mpnet-base-v2"
     for device, encoder in (("cpu", "all-minilm-l6-v2"), ("cuda", "all-mpnet-base-v2")):

@@ -27,7 +27,7 @@ def test_plan_recovers_a_known_backend_and_writes_nothing(data_dir, tmp_path, mo
     annotator = CachedAnnotator(scripted_llm(lambda text, labels: labels[len(text) % 2], seconds), user_cache)
     llm = LLMConfig(calibrate="off")
     slm = SLMConfig(backbone="all-minilm-l6-v2", epochs=2, warmup_epochs=1, cross_fit=0, device="cpu")
-    loop = LoopConfig(refinery_rounds=1, deployed_slm="final_labels")
+    loop = LoopConfig(refinery_rounds=1)
     plan = plan_run(task, items, llm, slm, loop, annotator=annotator, price_per_million=(2.0, 8.0))
 
     stages = {s["name"]: s for s in plan["stages"]}

@@ -246,7 +246,8 @@ def plan_run(
     for r in range(1, loop.refinery_rounds + 1):
         stages.append(refine.stage(f"round {r} refinery", groups(asked), np.full(asked, mean_length)))
         stages.append(Stage(f"round {r} SLM", seconds=later_train))
-    retrained = (kind.deployed_slm if loop.deployed_slm == "auto" else loop.deployed_slm) == "final_labels"
+    # with final_label llm the final labels are the last round's answers: no training is needed
+    retrained = loop.deployed_slm == "final_labels" and loop.final_label == "combined"
     if retrained:
         stages.append(Stage("SLM on the final labels", seconds=later_train))
     plan: dict = {

@@ -80,8 +80,6 @@ class TaskKind(ABC):
     initial_demos: ClassVar[str]
     #: what ``slm_weight`` unset means for this kind: the SLM's weight in the final labels
     slm_weight: ClassVar[float]
-    #: what ``deployed_slm: auto`` means for this kind (``final_labels`` or ``last_round``)
-    deployed_slm: ClassVar[str]
     #: whether :meth:`combine` weighs every round's answers (NER's vote) or the last round's only:
     #: the final step reads no more rounds than that (a round is two files of N rows)
     weighs_every_round: ClassVar[bool] = False

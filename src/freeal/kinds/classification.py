@@ -36,7 +36,6 @@ class Classification(TaskKind):
     initial_demos = "none"
     #: 0.25-0.5 are level on the quality slices, 1-2 hurt TREC, whose SLM is weak (BENCHMARKS.md)
     slm_weight = 0.5
-    deployed_slm = "last_round"
     unit = "texts"
 
     def backbone(self, cfg: SLMConfig) -> str:
