@@ -198,7 +198,7 @@ class LoopConfig(BaseModel):
     ``deployed_slm``: the SLM handed back (``slm_``): ``final_labels`` trains it once more on the
     final labels (``final/slm``; one more SLM training, skipped when they are the last round's
     answers), ``last_round`` keeps the last round's, which learned the LLM's last answers. On the
-    BC5CDR slices the retrained tagger tested +1.4 and +12.7 entity F1 better; on 9 classification
+    BC5CDR slices the retrained tagger tested +1.4, +12.7 and -1.1 entity F1; on 9 classification
     slices the two were level (+0.3 points on each data set's mean, -1.6 to +2.0 per slice; 2-4 s
     more per 1,000 texts in ``head`` mode), and the model handed back is then the one that learned
     the labels handed back (BENCHMARKS.md).

@@ -474,7 +474,7 @@ class FreeAL:
     def _train_deployed(self) -> dict:
         """The SLM a user deploys, trained once more, now on the final labels. NER's vote of every
         round can differ from the last round's answers a good deal: the retrained tagger tested
-        +1.4 and +12.7 entity F1 above the last round's on BC5CDR; a classifier's final labels
+        +1.4, +12.7 and -1.1 entity F1 against the last round's on BC5CDR; a classifier's final labels
         differ little, and its two SLMs were level (BENCHMARKS.md)."""
         answers = self._with_fixed(iter_jsonl(self._path("final") / "answers.jsonl"))
         last = self._summary("final")["round"]
