@@ -96,8 +96,7 @@ def run_one(
 def handed_back(report: dict) -> dict:
     """The step of the SLM a run hands back: trained on the final labels (``deployed_slm``), or
     the last round's (the step then says which round: the final labels were its answers)."""
-    deployed = report.get("deployed_slm") or {}
-    return deployed if "epochs" in deployed else report["rounds"][-1]["slm"] or {}
+    return report.get("deployed_slm") or report["rounds"][-1]["slm"] or {}
 
 
 def weight_sensitivity(run: dict, weights: tuple[float, ...] = (0, 0.25, 0.5, 1, 2)) -> dict:

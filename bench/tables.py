@@ -197,7 +197,7 @@ def deployed_slm(preset: str = "default") -> None:
     import statistics
 
     runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"quality_{preset}_*_s*.json"))]
-    runs = [r for r in runs if "epochs" in (r["report"].get("deployed_slm") or {})]
+    runs = [r for r in runs if r["report"].get("deployed_slm")]
     print("| data | seed | final labels | last round's SLM, test | on the final labels, test | change | s |")
     print("|---|---|---|---|---|---|---|")
     for dataset in dict.fromkeys(r["dataset"] for r in runs):

@@ -120,7 +120,8 @@ def collect(run_dir: str | Path) -> dict:
         "demos": _read(run_dir / "demos/step.json"),
         "rounds": rounds,
         "final": _read(run_dir / "final/step.json"),
-        "deployed_slm": deployed,
+        # only an SLM trained on the final labels; a skipped step handed back the last round's
+        "deployed_slm": deployed if deployed and "epochs" in deployed else None,
         "final_confidence": _histogram(final["confidence"]),
         "examples": _examples(
             run_dir / "items.jsonl",
@@ -290,7 +291,7 @@ def rows(report: dict) -> list[list[str]]:
             {
                 "stage": f"final ({'LLM + SLM' if final['rule'] == 'combined' else 'LLM'})",
                 "changed": str(final["changed_from_llm"]),
-                **({"SLM s": f"{slm['seconds']:.0f}"} if "epochs" in slm else {}),
+                **({"SLM s": f"{slm['seconds']:.0f}"} if slm else {}),
                 "labels acc./F1": _acc(final.get("metrics")),
                 "SLM train": _acc(slm.get("transductive")),
                 "SLM test": _acc(slm.get("inductive")),
