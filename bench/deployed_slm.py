@@ -1,13 +1,21 @@
 """Benchmark: which SLM to hand back, the last round's or one trained once more on the final labels?
 
-For each kept quality run (``bench/quality.py --keep DIR``): the SLM trained with the run's own
+For each kept quality run (``bench/quality.py --keep DIR``): the SLM trained with the run's SLM
 settings on the run's final labels (``final/answers.jsonl``), as the loop's ``deployed_slm:
-final_labels`` step trains it, scored on the run's test slice beside the run's last-round SLM.
+final_labels`` step trains it when ``deployed_mode`` is the run's own mode (``--set mode=linear
+pooling=layers`` for a classifier's default), scored on the run's test slice beside the run's
+last-round SLM.
 Either kind of task (the loop's :class:`~freeal.kinds.base.TaskKind` trains and predicts). Gold
 labels only score; the SLM sees the final labels alone. Run alone: it trains models.
 
+``--set KEY=VALUE`` changes the SLM's settings from the run's (e.g. ``mode=linear``), and
+``--gold`` adds the same SLM trained on the slice's gold labels: the ceiling of its features, a
+measurement beside the run, never an input to it.
+
     python bench/deployed_slm.py --runs DIR --datasets sst2 mr trec --seeds 0 1 2 --limit 1000 \
         --out bench/results/deployed_slm_chatturn_runs.json
+    python bench/deployed_slm.py --runs DIR --datasets sst2 mr trec --limit 1000 \
+        --set mode=linear pooling=layers --gold --out bench/results/frozen_slm_linear_layers.json
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 
-def one(run: Path, dataset: str, limit: int, seed: int, test_limit: int) -> dict:
+def one(run: Path, dataset: str, limit: int, seed: int, test_limit: int, overrides: dict, gold: bool) -> dict:
     """The run's last-round SLM and the SLM trained on its final labels, on the run's test slice."""
     task = load_task(DATA / dataset)
     kind = kind_of(task)
@@ -41,17 +49,24 @@ def one(run: Path, dataset: str, limit: int, seed: int, test_limit: int) -> dict
     report = json.loads((run / "report.json").read_text())
     final = [r[kind.answer_key] for r in read_jsonl(run / "final/answers.jsonl")]
     last = report["final"]["round"]
+    config = SLMConfig(**{**spec["slm"], **overrides})
     start = time.perf_counter()
-    fit = kind.train(items, final, SLMConfig(**spec["slm"]), lambda entry: None)
+    fit = kind.train(items, final, config, lambda entry: None)
     seconds = time.perf_counter() - start
-    return {
+    row = {
         "run": run.name,
+        "overrides": overrides,
         "final_labels": score(report["final"]["metrics"]),
         "last_round_slm_test": score(report["rounds"][last]["slm"]["inductive"]),
+        "run_handed_back_slm_test": score((report.get("deployed_slm") or {}).get("inductive")),
         "final_labels_slm_test": score(kind.score(test.gold, kind.predict(fit.model, test))),
         "seconds": seconds,
         "test": len(test),
     }
+    if gold:
+        ceiling = kind.train(items, list(items.gold), config, lambda entry: None)
+        row["gold_labels_slm_test"] = score(kind.score(test.gold, kind.predict(ceiling.model, test)))
+    return row
 
 
 def main() -> None:
@@ -62,14 +77,17 @@ def main() -> None:
     parser.add_argument("--limit", type=int, required=True)
     parser.add_argument("--test-limit", type=int, default=500)
     parser.add_argument("--preset", default="default")
+    parser.add_argument("--set", nargs="*", default=[], help="SLMConfig changes, e.g. mode=linear")
+    parser.add_argument("--gold", action="store_true", help="also train on gold labels (a ceiling)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    overrides = dict(kv.split("=", 1) for kv in args.set)
     out: dict = {}
     for dataset in args.datasets:
         rows = []
         for seed in args.seeds:
             run = args.runs / f"{args.preset}_{dataset}_{args.limit}_s{seed}"
-            rows.append(one(run, dataset, args.limit, seed, args.test_limit))
+            rows.append(one(run, dataset, args.limit, seed, args.test_limit, overrides, args.gold))
             print(json.dumps(rows[-1]), flush=True)
         gain = [100 * (r["final_labels_slm_test"] - r["last_round_slm_test"]) for r in rows]
         out[dataset] = {

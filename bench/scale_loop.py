@@ -2,16 +2,17 @@
 so what is timed is freeal's own work.
 
 The server (``tests/openai_server.py``) runs in a process of its own and answers from a fixed rule
-on the text (a small sentiment lexicon), with first-token logprobs. It closes each connection
-after its answer (HTTP/1.0); ``--keep-alive`` keeps them open between requests, as real servers
-do (measured: no faster for freeal's side at 10k, BENCHMARKS.md). Texts are SST-2's and MR's train
-sentences, repeated with a numbered suffix where N asks for more. Embeddings (MiniLM, for
-the loop and the SLM head) are computed before the timed run and read from the disk cache inside
-it, so embedding time is excluded, as the issue asks. Each size runs in a fresh process (and its
-embeddings in one before it), so no size's memory is left in another's figures. Per step of the run
-(the ``step ...`` lines of ``say``): wall seconds and the peak resident memory sampled every 50 ms;
-``base_mb`` is the process's memory before the run starts (interpreter, torch, the encoder's
-configuration), so what the run itself holds is ``peak_mb - base_mb``.
+on the text (a small sentiment lexicon), with first-token logprobs. It closes each connection after
+its answer (HTTP/1.0); ``--keep-alive`` keeps them open between requests, as real servers do
+(measured: no faster for freeal's side at 10k, BENCHMARKS.md). Texts are SST-2's and MR's train
+sentences, repeated with a numbered suffix where N asks for more. Embeddings (MiniLM, for the loop
+and the SLM, a ``head`` on sentence vectors; the SLM handed back too, as recorded: the ``linear``
+one on layer means was not run at these sizes) are computed before the timed run and read from the
+disk cache inside it, so embedding time is excluded, as the issue asks. Each size runs in a fresh
+process (and its embeddings in one before it), so no size's memory is left in another's figures. Per
+step of the run (the ``step ...`` lines of ``say``): wall seconds and the peak resident memory
+sampled every 50 ms; ``base_mb`` is the process's memory before the run starts (interpreter, torch,
+the encoder's configuration), so what the run itself holds is ``peak_mb - base_mb``.
 
     python bench/scale_loop.py --sizes 10000 30000 --out bench/results/scale_loop.json
 
@@ -158,9 +159,10 @@ def run(n: int, url: str, scratch: Path) -> dict:
     llm = LLMConfig(
         backend="openai", base_url=url, model="fake", max_concurrency=16, cache_path=scratch / f"{n}.sqlite"
     )
+    slm = SLMConfig(backbone="all-minilm-l6-v2")
+    loop = LoopConfig(deployed_mode="head")  # on the stored sentence vectors, as recorded
     runner = FreeAL(
-        task, llm, SLMConfig(backbone="all-minilm-l6-v2"), LoopConfig(), run_dir=scratch / f"run{n}",
-        progress=False, say=say,
+        task, llm, slm, loop, run_dir=scratch / f"run{n}", progress=False, say=say,
     )  # fmt: skip
     start = time.perf_counter()
     runner.fit(texts)

@@ -222,6 +222,29 @@ def deployed_slm(preset: str = "default") -> None:
         )
 
 
+def frozen_slm() -> None:
+    """The SLM on frozen vectors trained on each run's final labels (``bench/deployed_slm.py
+    --set ... --gold``, files ``frozen_slm_*.json``): mean test score per data set, its gap to the
+    final labels, and the same model trained on gold (the features' ceiling)."""
+    import statistics
+
+    print("| SLM (frozen mpnet) | data | final labels | SLM test | gap (points) | trained on gold |")
+    print("|---|---|---|---|---|---|")
+    for path in sorted(RESULTS.glob("frozen_slm_*.json")):
+        for dataset, result in json.loads(path.read_text()).items():
+            rows = result["slices"]
+            gap = [100 * (r["final_labels_slm_test"] - r["final_labels"]) for r in rows]
+            spread = f" ± {statistics.stdev(gap):.1f}" if len(gap) > 1 else ""
+            gold = [r["gold_labels_slm_test"] for r in rows if "gold_labels_slm_test" in r]
+            print(
+                f"| {path.stem.removeprefix('frozen_slm_')} | {dataset} "
+                f"| {statistics.mean(r['final_labels'] for r in rows):.3f} "
+                f"| {statistics.mean(r['final_labels_slm_test'] for r in rows):.3f} "
+                f"| {statistics.mean(gap):+.1f}{spread} ({', '.join(f'{g:+.1f}' for g in gap)}) "
+                f"| {f'{statistics.mean(gold):.3f}' if gold else '–'} |"
+            )
+
+
 def slm_on_final_labels() -> None:
     """Issue 12's SLM target: the SLM a user trains on freeal's final labels (``bench/slm.py
     --labels file --labels-file RUN/labels.jsonl``), its test accuracy against those labels' own
@@ -310,6 +333,7 @@ if __name__ == "__main__":
     scale_loop()
     quality()
     deployed_slm()
+    frozen_slm()
     slm_on_final_labels()
     quality("paper")
     zeroshot()

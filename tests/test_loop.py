@@ -119,6 +119,12 @@ def test_rounds_happen_and_every_step_is_written(finished):
     assert final != [r["label"] for r in read_jsonl(loop.run_dir / "round-2/llm/labels.jsonl")]
     assert loop.slm_path_ == loop.run_dir / "final/slm/model"
     assert loop.report_["deployed_slm"]["inductive"]["n"] == len(loop.test)
+    # ... in the classifier's deployed mode (linear), while the rounds' SLM is the run's head
+    modes = [
+        json.loads((loop.run_dir / folder / "model/slm.json").read_text())["config"]["mode"]
+        for folder in ("round-2/slm", "final/slm")
+    ]
+    assert modes == ["head", "linear"] and loop.loop_config.deployed_mode == "linear"
 
 
 def test_refinery_asks_only_noisy_items_and_keeps_the_rest(finished):

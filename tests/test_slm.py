@@ -65,8 +65,76 @@ def test_predictions_are_distributions_and_survive_save_load(sst2_slice, trained
     assert loaded.predict(texts) == trained.predict(texts)
 
 
-def test_bad_labels_are_clear_errors():
-    slm = SLMClassifier(["a", "b"], SLMConfig(device="cpu"))
+def test_a_head_on_layer_means_learns_from_its_own_cached_vectors(sst2_slice, tmp_path, monkeypatch):
+    """``pooling: layers``: the head's inputs are every layer's token means, one unit vector per
+    text whatever else is in its batch, cached apart from the sentence vectors of the same texts,
+    and a saved model keeps the pooling it learned on."""
+    from freeal.embed import Embedder
+
+    task, items, _ = sst2_slice
+    texts, gold = items.texts[:160], items.gold[:160]
+    monkeypatch.setenv("FREEAL_CACHE_DIR", str(tmp_path))
+    cfg = SLMConfig(mode="head", pooling="layers", epochs=3, warmup_epochs=1, device="cpu")
+    model = SLMClassifier(task.label_names, cfg).fit(texts, gold)
+    layers = Embedder(device="cpu", pooling="layers")
+    with monkeypatch.context() as patch:
+        patch.setattr(Embedder, "_model_encode", lambda self, t: pytest.fail("encoded again"))
+        cached = layers.vectors_of(texts)  # the fit's own vectors, from the cache
+    assert np.allclose(np.linalg.norm(cached, axis=1), 1, atol=1e-5)
+    alone = Embedder(device="cpu", pooling="layers", cache=False).encode([texts[7], texts[3]])
+    assert np.allclose(alone, cached[[7, 3]], atol=1e-4)  # batch and length order change nothing
+    sentence = Embedder(device="cpu").vectors_of(texts)
+    assert np.mean(np.sum(sentence * cached, axis=1)) < 0.95  # other vectors, another cache file
+    assert layers.identity != Embedder(device="cpu").identity
+    model.save(tmp_path / "slm")
+    loaded = SLMClassifier.load(tmp_path / "slm", device="cpu")
+    assert loaded.config.pooling == "layers"
+    assert np.allclose(loaded.predict_proba(texts[:20]), model.predict_proba(texts[:20]), atol=1e-5)
+
+
+def test_the_linear_slm_splits_injected_noise_from_held_out_losses(sst2_slice, tmp_path):
+    """``mode: linear`` (the SLM the loop hands back): a logistic regression on layer means whose
+    clean side is right more often than the labels, whose held-out opinions are not its memorised ones, and
+    which comes back from disk predicting the same."""
+    from freeal.kinds.classification import Classification
+    from freeal.slm.linear import LinearSLM
+
+    task, items, noisy = sst2_slice
+    cfg = SLMConfig(mode="linear", device="cpu")
+    assert cfg.pooling == "layers"
+    model = LinearSLM(task.label_names, cfg).fit(items.texts, noisy)
+    right = np.array([n == g for n, g in zip(noisy, items.gold, strict=True)])
+    assert right[model.clean_mask_].mean() > right.mean() + 0.1
+    assert right[~model.clean_mask_].mean() < right.mean()
+    given = np.array([task.label_names.index(n) for n in noisy])
+    own = (model.train_proba_.argmax(1) == given).mean()
+    assert (model.held_out_proba_.argmax(1) == given).mean() < own  # a fold model never saw its item
+    gold = np.array([task.label_names.index(g) for g in items.gold])
+    assert (model.held_out_proba_.argmax(1) == gold).mean() > 0.6  # it learned the task, not noise
+    model.save(tmp_path / "slm")
+    loaded = Classification(task).load_model(tmp_path / "slm", device="cpu")
+    assert isinstance(loaded, LinearSLM)
+    assert np.allclose(loaded.predict_proba(items.texts[:20]), model.predict_proba(items.texts[:20]))
+    assert len(model.epoch_log) == 1 and model.epoch_log[0]["held_out_loss"] > model.epoch_log[0]["loss"]
+
+
+def test_a_head_saved_before_pooling_existed_loads_on_sentence_vectors():
+    """A model saved before ``pooling`` was a setting learned on sentence vectors: its settings,
+    read back without the key, must say so whatever the default for a new ``head`` or ``linear``."""
+    saved = SLMConfig(mode="head").model_dump()
+    del saved["pooling"]
+    assert SLMConfig(**saved).pooling == "sentence"
+    assert SLMConfig(mode="finetune").pooling is None  # a fine-tuned encoder pools as it learned
+    with pytest.raises(FreeALError, match="LinearSLM"):
+        SLMClassifier(["a", "b"], SLMConfig(mode="linear"))
+
+
+@pytest.mark.parametrize("mode", ["head", "linear"])
+def test_bad_labels_are_clear_errors(mode):
+    from freeal.kinds.classification import slm_class
+
+    make = slm_class(mode)
+    slm = make(["a", "b"], SLMConfig(mode=mode, device="cpu"))
     with pytest.raises(FreeALError, match=r"item 1: label 'c' is not in the label set"):
         slm.fit(["x", "y"], ["a", "c"])
     with pytest.raises(FreeALError, match="all abstained"):
@@ -76,7 +144,7 @@ def test_bad_labels_are_clear_errors():
     with pytest.raises(FreeALError, match="not trained"):
         slm.predict(["x"])
     with pytest.raises(FreeALError, match="label set is empty"):
-        SLMClassifier([])
+        make([])
 
 
 def test_a_class_without_items_still_trains(sst2_slice, caplog):

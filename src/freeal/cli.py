@@ -203,7 +203,10 @@ def train(
     ] = None,
     mode: Annotated[
         str,
-        typer.Option(help="head (frozen encoder) or finetune (whole encoder)."),
+        typer.Option(
+            help="linear (logistic regression on frozen layer means), head (MLP on frozen vectors) "
+            "or finetune (whole encoder)."
+        ),
     ] = _SLM["mode"],
     robust: Annotated[
         bool, typer.Option("--robust/--plain", help="Robust self-training or plain CE.")
@@ -240,8 +243,8 @@ def train(
     from freeal.demos import nearest_demonstrations
     from freeal.embed import Embedder
     from freeal.feedback import feedback
+    from freeal.kinds.classification import slm_class
     from freeal.metrics import classification_report
-    from freeal.slm.classifier import SLMClassifier
     from freeal.tasks import load_task
 
     cfg = validate(
@@ -278,12 +281,13 @@ def train(
     noisy = items.given
     views = items.extra.get(views_col) if views_col else None
 
-    slm = SLMClassifier(the_task.label_names, cfg)
+    slm = slm_class(cfg.mode)(the_task.label_names, cfg)
 
     def show(entry: dict) -> None:
         if slm.main_process:  # under `accelerate launch`, the first process reports
+            step = "fit" if cfg.mode == "linear" else f"epoch {entry['epoch']}/{cfg.epochs}"
             console.print(
-                f"epoch {entry['epoch']}/{cfg.epochs}: loss {entry['loss']:.4f}, "
+                f"{step}: loss {entry['loss']:.4f}, "
                 f"clean {entry['clean_fraction']:.3f}, {entry['seconds']:.1f} s"
             )
 

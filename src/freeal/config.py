@@ -12,11 +12,27 @@ import os
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from freeal.errors import FreeALError
 
 Calibration = Literal["auto", "on", "off"]
+
+#: How a text becomes one vector. ``sentence``: the encoder's own sentence embedding (for the
+#: shipped encoders, the mean of the last layer's token states), what it was trained to output and
+#: what retrieval wants. ``layers``: the mean of the token states of every layer, averaged over the
+#: layers: features for a classifier head, since the sentence objective (texts about the same thing
+#: close together) flattens what a label may hang on, such as polarity (BENCHMARKS.md, "Features
+#: for the SLM's head").
+Pooling = Literal["sentence", "layers"]
 
 
 def cache_root() -> Path:
@@ -113,11 +129,17 @@ class SLMConfig(BaseModel):
     labels, BENCHMARKS.md) and for ``finetune`` on a GPU (0.892 against 0.836 on that test set,
     21 s per epoch on an H100), ``all-minilm-l6-v2`` for ``finetune`` on a CPU and for the NER
     tagger, where a larger encoder costs far more per step.
-    ``mode``: ``head`` trains a small head on frozen, cached sentence embeddings (fast on a CPU);
+    ``mode``: ``head`` trains a small head on frozen, cached sentence embeddings with the robust
+    schedule (fast on a CPU); ``linear`` fits a logistic regression on frozen layer means in seconds
+    (:mod:`freeal.slm.linear`; what the loop hands back on a CPU, ``LoopConfig.deployed_mode``);
     ``finetune`` trains the whole encoder with the head, as in the paper. ``batch_size`` and ``lr``
     default per mode: 128 and 3e-3 for a head on cached embeddings (as accurate as 32 and 1e-3 on
     the quality slices and about twice as fast, BENCHMARKS.md), 32 and 3e-5 when the encoder trains
     (the NER tagger: 32 and 1e-4).
+    ``pooling``: the vectors a frozen-encoder SLM (``linear``, ``head``) learns from, ``layers``
+    (every layer's token mean, averaged over the layers) or ``sentence`` (the encoder's sentence
+    embedding); unset, ``layers`` for ``linear`` and ``sentence`` for ``head``, as measured
+    (:data:`Pooling`; BENCHMARKS.md, "Features for the SLM's head").
     ``lambda_u`` weighs the consistency loss on noisy items. It defaults to 0 (noisy items are left
     out): with real LLM labels on MR, SST-2 and TREC the consistency term lowered test accuracy,
     while it helped under synthetic uniform noise (BENCHMARKS.md); set 1.0 for the paper's setting.
@@ -134,7 +156,8 @@ class SLMConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: str | None = None
-    mode: Literal["head", "finetune"] = "head"
+    mode: Literal["head", "linear", "finetune"] = "head"
+    pooling: Pooling | None = None
     robust: bool = True
     epochs: int = Field(default=10, ge=1)
     warmup_epochs: int = Field(default=2, ge=0)
@@ -160,6 +183,14 @@ class SLMConfig(BaseModel):
         if value == 1:
             raise ValueError("cross_fit needs 2 or more folds (0: off)")
         return value
+
+    @model_validator(mode="after")
+    def _pooling(self) -> SLMConfig:
+        """Unset pooling named per frozen mode, so the fingerprint and a saved model say which: a
+        model saved before the setting existed was a ``head`` on sentence vectors, and loads so."""
+        if self.pooling is None and self.mode != "finetune":
+            self.pooling = "layers" if self.mode == "linear" else "sentence"
+        return self
 
 
 class LoopConfig(BaseModel):
@@ -202,6 +233,13 @@ class LoopConfig(BaseModel):
     slices the two were level (+0.3 points on each data set's mean, -1.6 to +2.0 per slice; 2-4 s
     more per 1,000 texts in ``head`` mode), and the model handed back is then the one that learned
     the labels handed back (BENCHMARKS.md).
+    ``deployed_mode``: the ``SLMConfig.mode`` of that retrained SLM; unset, per kind: ``linear``
+    for a classifier, a logistic regression on the encoder's frozen layer means, 1.2 (SST-2) and
+    1.9 (MR) points below the final labels on the test sets where the ``head`` was 3.7 and 4.0
+    below, while the loop's own SLM stays the ``head`` that chooses what refinery asks (with the
+    linear SLM there, refinery fixed fewer labels and broke more: TREC ended below zero-shot);
+    ``finetune`` for NER, whose tagger always fine-tunes (BENCHMARKS.md, "Features for the SLM's
+    head").
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -226,6 +264,7 @@ class LoopConfig(BaseModel):
     final_label: Literal["combined", "llm"] = "combined"
     slm_weight: float | None = Field(default=None, ge=0)
     deployed_slm: Literal["final_labels", "last_round"] = "final_labels"
+    deployed_mode: Literal["head", "linear", "finetune"] | None = None
     min_kappa: float = Field(default=0.2, ge=-1, le=1)
     seed: int = 0
 

@@ -1,7 +1,8 @@
 """Sentence embeddings for kNN retrieval and k-medoids (all-MiniLM-L6-v2 by default, offline).
 
-Embeddings are unit-normalized, so cosine similarity is a dot product, and cached on disk by model
-and texts: the loop embeds the same pool every round and a resumed run should not pay for it again.
+Embeddings are unit-normalized, so cosine similarity is a dot product, and cached on disk by model,
+pooling and texts: the loop embeds the same pool every round and a resumed run should not pay for it
+again.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from freeal.config import cache_root
+from freeal.config import Pooling, cache_root
 from freeal.errors import FreeALError
 from freeal.extras import require
 
@@ -128,7 +129,7 @@ def torch_device(name: str = "auto") -> str:
 
 
 class Embedder:
-    """Unit-normalized sentence embeddings from a sentence-transformers model folder."""
+    """Unit-normalized text embeddings from a sentence-transformers model folder."""
 
     #: texts encoded per model call and written to the cache file at once
     CHUNK = 8192
@@ -141,8 +142,10 @@ class Embedder:
         batch_size: int = 64,
         cache: bool = True,
         remember: bool = False,
+        pooling: Pooling = "sentence",
     ) -> None:
         self.model_path = model_path or minilm_path()
+        self.pooling = pooling
         self.device = torch_device(device)
         self.batch_size = batch_size
         self.cache_dir = cache_root() / "embeddings" if cache else None
@@ -153,8 +156,10 @@ class Embedder:
 
     @property
     def identity(self) -> str:
-        """What decides the vectors: the encoder's weights (part of a run's fingerprint)."""
-        return weights_identity(self.model_path)
+        """What decides the vectors: the encoder's weights and the pooling (part of a run's
+        fingerprint)."""
+        weights = weights_identity(self.model_path)
+        return weights if self.pooling == "sentence" else f"{weights}+{self.pooling}"
 
     def _load(self):  # type: ignore[no-untyped-def]
         if self._model is None:
@@ -166,6 +171,8 @@ class Embedder:
 
     def _key(self, texts: Sequence[str]) -> str:
         digest = hashlib.sha256(str(Path(self.model_path).resolve()).encode())
+        if self.pooling != "sentence":  # sentence vectors keep the keys they were cached under
+            digest.update(f"\x02{self.pooling}".encode())
         for text in texts:
             digest.update(b"\x00" + text.encode("utf-8"))
         return digest.hexdigest()
@@ -226,6 +233,8 @@ class Embedder:
         return path
 
     def _model_encode(self, texts: Sequence[str]) -> np.ndarray:
+        if self.pooling == "layers":
+            return self._layer_means(texts)
         return (
             self._load()
             .encode(
@@ -237,3 +246,31 @@ class Embedder:
             )
             .astype(np.float32)
         )
+
+    def _layer_means(self, texts: Sequence[str]) -> np.ndarray:
+        """Each layer's token states averaged over the text's tokens, then over the layers (the
+        input embeddings left out), unit-normalized; texts cut at the encoder's own length limit."""
+        import torch
+
+        model = self._load()
+        transformer = model[0]
+        order = np.argsort([-len(text) for text in texts], kind="stable")  # batches of like length
+        vectors = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = transformer.tokenizer(
+                    [texts[i] for i in order[start : start + self.batch_size]],
+                    padding=True,
+                    truncation=True,
+                    max_length=model.max_seq_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                states = transformer.auto_model(**batch, output_hidden_states=True).hidden_states[1:]
+                mask = batch["attention_mask"].unsqueeze(-1).to(states[0].dtype)
+                tokens = torch.stack(states).mul(mask).sum(2) / mask.sum(1)  # (layers, texts, dim)
+                vectors.append(torch.nn.functional.normalize(tokens.mean(0), dim=1).float().cpu().numpy())
+        if not vectors:
+            return np.zeros((0, model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
+        out = np.empty((len(texts), vectors[0].shape[1]), dtype=np.float32)
+        out[order] = np.concatenate(vectors)
+        return out

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from freeal.config import LLMConfig, LoopConfig, SLMConfig, cache_root, run_key
+from freeal.config import LLMConfig, LoopConfig, SLMConfig, cache_root, run_key, validate
 from freeal.data import iter_jsonl, read_jsonl, write_jsonl_atomic, write_text_atomic
 from freeal.demos import demonstration_groups
 from freeal.embed import Embedder
@@ -148,6 +148,8 @@ class FreeAL:
             loop = loop.model_copy(update={"initial_demos": self.kind.initial_demos})
         if loop.slm_weight is None:  # the same: per kind, named in the fingerprint
             loop = loop.model_copy(update={"slm_weight": self.kind.slm_weight})
+        if loop.deployed_mode is None:
+            loop = loop.model_copy(update={"deployed_mode": self.kind.deployed_mode})
         self.loop_config = loop
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._annotator = annotator
@@ -478,20 +480,27 @@ class FreeAL:
         differ little, and its two SLMs were level (BENCHMARKS.md)."""
         answers = self._with_fixed(iter_jsonl(self._path("final") / "answers.jsonl"))
         last = self._summary("final")["round"]
-        if answers == self._answers(f"round-{last}/llm"):  # nothing new to learn: that SLM it is
+        cfg = self.slm_config
+        if self.loop_config.deployed_mode != cfg.mode:  # its pooling too is the mode's own
+            fields = {**cfg.model_dump(), "mode": self.loop_config.deployed_mode, "pooling": None}
+            cfg = validate(SLMConfig, fields, "the deployed SLM")  # type: ignore[assignment]
+        elif answers == self._answers(f"round-{last}/llm"):  # nothing new to learn: that SLM it is
             return {"same_as_round": last}
-        return self._fit_slm(answers, self._path("final/slm"))
+        return self._fit_slm(answers, self._path("final/slm"), cfg)
 
-    def _fit_slm(self, answers: list[Any], folder: Path) -> dict:
-        """Train the SLM on ``answers`` and write it and its per-item predictions into ``folder``."""
+    def _fit_slm(self, answers: list[Any], folder: Path, cfg: SLMConfig | None = None) -> dict:
+        """Train the SLM (the run's, or ``cfg``) on ``answers``; write it and its per-item
+        predictions into ``folder``."""
+        cfg = cfg or self.slm_config
 
         def show(entry: dict) -> None:
+            step = "fit" if cfg.mode == "linear" else f"epoch {entry['epoch']}/{cfg.epochs}"
             self.say(
-                f"  SLM epoch {entry['epoch']}/{self.slm_config.epochs}: loss {entry['loss']:.4f}, "
+                f"  SLM {step}: loss {entry['loss']:.4f}, "
                 f"clean {entry['clean_fraction']:.3f}, {entry['seconds']:.1f} s"
             )
 
-        fit = self.kind.train(self.items, answers, self.slm_config, show)
+        fit = self.kind.train(self.items, answers, cfg, show)
         fit.model.save(folder / "model")
         write_jsonl_atomic(
             folder / "predictions.jsonl",

@@ -248,8 +248,9 @@ def plan_run(
         stages.append(Stage(f"round {r} SLM", seconds=later_train))
     # with final_label llm the final labels are the last round's answers: no training is needed
     retrained = loop.deployed_slm == "final_labels" and loop.final_label == "combined"
-    if retrained:
-        stages.append(Stage("SLM on the final labels", seconds=later_train))
+    if retrained:  # in another mode than the loop's, it embeds the texts its own way first
+        other = (loop.deployed_mode or kind.deployed_mode) != slm.mode
+        stages.append(Stage("SLM on the final labels", seconds=later_train + other * embed_seconds))
     plan: dict = {
         "items": n,
         "unit": kind.unit,

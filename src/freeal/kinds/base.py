@@ -85,6 +85,8 @@ class TaskKind(ABC):
     weighs_every_round: ClassVar[bool] = False
     #: what one item is called in messages
     unit: ClassVar[str]
+    #: ``LoopConfig.deployed_mode`` when unset: how the SLM handed back trains
+    deployed_mode: ClassVar[str]
 
     def __init__(self, task: Task) -> None:
         self.task = task

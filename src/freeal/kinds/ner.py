@@ -57,6 +57,7 @@ class NER(TaskKind):
     #: the tagger's vote over the LLM's: +6.8 entity F1 over zero-shot on 3 BC5CDR slices against
     #: +4.4 at 0.5 (each run's answers re-combined; chosen on 2 slices, checked on the third)
     slm_weight = 2.0
+    deployed_mode = "finetune"  # the tagger always fine-tunes
     weighs_every_round = True
     unit = "sentences"
 
@@ -193,6 +194,11 @@ class NER(TaskKind):
     def _answers(tags: Sequence[Sequence[str]]) -> list[list[list[Any]]]:
         """The tagger's IOB2 tags as answers (JSON span lists)."""
         return [[list(sp) for sp in spans_from_tags(t)] for t in tags]
+
+    def with_backbone(self, cfg: SLMConfig) -> SLMConfig:
+        """The base's choice of encoder, and ``mode: finetune``: the tagger always fine-tunes its
+        encoder, so the run's recorded settings say what it does, not the classifier's default."""
+        return super().with_backbone(cfg.model_copy(update={"mode": "finetune", "pooling": None}))
 
     def train(
         self, items: Sentences, answers: Sequence[Any], cfg: SLMConfig, on_epoch: Callable[[dict], None]

@@ -53,6 +53,39 @@ class _Net(nn.Module):
         return self.head(self.hidden_states(batch))
 
 
+def checked_settings(
+    labels: Sequence[str], config: SLMConfig | None, overrides: dict, modes: tuple[str, ...], who: str
+) -> tuple[list[str], SLMConfig]:
+    """A classifier SLM's label set and settings, validated like a config file (``model_copy(update=)``
+    would take ``epochs=-1``); unset, the settings are ``modes[0]``'s defaults."""
+    if not labels:
+        raise FreeALError("the label set is empty")
+    base = (config or SLMConfig(mode=modes[0])).model_dump()  # type: ignore[arg-type]
+    checked: SLMConfig = validate(SLMConfig, {**base, **overrides}, who)  # type: ignore[assignment]
+    if checked.mode not in modes:
+        raise FreeALError(
+            f"{who} trains mode {' or '.join(modes)}, not {checked.mode}: mode linear is "
+            "freeal.slm.linear.LinearSLM, head and finetune freeal.slm.classifier.SLMClassifier"
+        )
+    return list(labels), checked
+
+
+def label_indices(labels: Sequence[str | None], names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Each item's label as its index in ``names`` (-1 where None: abstained), and the names no item
+    carries; a label outside the set, or no label at all, is one clear error."""
+    index = {name: i for i, name in enumerate(names)}
+    y = np.full(len(labels), -1, dtype=np.int64)
+    for row, label in enumerate(labels):
+        if label is None:
+            continue
+        if label not in index:
+            raise FreeALError(f"item {row}: label {label!r} is not in the label set {list(names)}")
+        y[row] = index[label]
+    if (y < 0).all():
+        raise FreeALError("no item has a label to learn from (all abstained)")
+    return y, [names[c] for c in range(len(names)) if not (y == c).any()]
+
+
 class SLMClassifier(RobustTrainer):
     """Sentence classifier trained robustly on noisy labels (scikit-learn style: ``fit``/``predict``).
 
@@ -75,12 +108,9 @@ class SLMClassifier(RobustTrainer):
         embedder: Embedder | None = None,
         **overrides: object,
     ) -> None:
-        if not labels:
-            raise FreeALError("the label set is empty")
-        self.labels = list(labels)
-        # validated like a config file: model_copy(update=) would take epochs=-1 or mode="bogus"
-        base = (config or SLMConfig()).model_dump()
-        self.config = validate(SLMConfig, {**base, **overrides}, "SLMClassifier")  # type: ignore[assignment]
+        self.labels, self.config = checked_settings(
+            labels, config, overrides, ("head", "finetune"), "SLMClassifier"
+        )
         self.device = torch_device(self.config.device)
         self.backbone = encoder_path(self.config.backbone)
         self.epoch_log: list[dict] = []
@@ -101,7 +131,9 @@ class SLMClassifier(RobustTrainer):
                 from transformers import AutoConfig
 
                 dim = AutoConfig.from_pretrained(self.backbone).hidden_size
-            self._embedder = self._shared_embedder or Embedder(self.backbone, device=self.device)
+            self._embedder = self._shared_embedder or Embedder(
+                self.backbone, device=self.device, pooling=self.config.pooling or "sentence"
+            )
         else:
             from transformers import AutoModel, AutoTokenizer
 
@@ -151,17 +183,7 @@ class SLMClassifier(RobustTrainer):
 
     # -- training -------------------------------------------------------------------------------
     def _targets(self, labels: Sequence[str | None]) -> np.ndarray:
-        index = {name: i for i, name in enumerate(self.labels)}
-        y = np.full(len(labels), -1, dtype=np.int64)
-        for row, label in enumerate(labels):
-            if label is None:
-                continue
-            if label not in index:
-                raise FreeALError(f"item {row}: label {label!r} is not in the label set {self.labels}")
-            y[row] = index[label]
-        if (y < 0).all():
-            raise FreeALError("no item has a label to learn from (all abstained)")
-        missing = [self.labels[c] for c in range(len(self.labels)) if not (y == c).any()]
+        y, missing = label_indices(labels, self.labels)
         if missing:
             log.warning(
                 "no labeled item for %s: only the consistency loss (lambda_u > 0) can teach it", missing
