@@ -127,8 +127,6 @@ def test_train_writes_predictions_clean_split_and_demonstrations(data_dir, tmp_p
             str(tmp_path / "slm"),
             "--gold-col",
             "gold",
-            "--mode",
-            "head",
             "--epochs",
             "20",
             "--warmup-epochs",
