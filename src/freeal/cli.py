@@ -16,7 +16,7 @@ from rich.table import Table
 from freeal.config import DataConfig, LLMConfig, LoopConfig, RunConfig, SLMConfig, validate
 from freeal.errors import FreeALError
 from freeal.extras import require
-from freeal.progress import emit, mode, sayer, set_mode
+from freeal.progress import emit, mode, sayer, set_mode, slm_line
 
 app = typer.Typer(
     add_completion=False,
@@ -285,11 +285,7 @@ def train(
 
     def show(entry: dict) -> None:
         if slm.main_process:  # under `accelerate launch`, the first process reports
-            step = "fit" if cfg.mode == "linear" else f"epoch {entry['epoch']}/{cfg.epochs}"
-            console.print(
-                f"{step}: loss {entry['loss']:.4f}, "
-                f"clean {entry['clean_fraction']:.3f}, {entry['seconds']:.1f} s"
-            )
+            console.print(slm_line(entry, cfg))
 
     slm.fit(items.texts, noisy, views=views, on_epoch=show)
     if not slm.main_process:  # ... and writes the results

@@ -45,6 +45,7 @@ from freeal.feedback import feedback
 from freeal.kinds import kind_of
 from freeal.kinds.base import Answers, Group
 from freeal.llm.cache import CachedAnnotator, Ledger
+from freeal.progress import slm_line
 from freeal.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -142,15 +143,9 @@ class FreeAL:
         self.kind = kind_of(task)
         self.llm_config = llm or LLMConfig()
         slm = slm or SLMConfig()
-        self.slm_config = self.kind.with_backbone(slm)  # like initial_demos below: the fingerprint names it
-        loop = loop or LoopConfig()
-        if loop.initial_demos == "auto":  # resolved here, so the run's fingerprint names the choice
-            loop = loop.model_copy(update={"initial_demos": self.kind.initial_demos})
-        if loop.slm_weight is None:  # the same: per kind, named in the fingerprint
-            loop = loop.model_copy(update={"slm_weight": self.kind.slm_weight})
-        if loop.deployed_mode is None:
-            loop = loop.model_copy(update={"deployed_mode": self.kind.deployed_mode})
-        self.loop_config = loop
+        # resolved here, per kind, so the run's fingerprint names the choices
+        self.slm_config = self.kind.with_backbone(slm)
+        self.loop_config = self.kind.with_defaults(loop or LoopConfig())
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._annotator = annotator
         self._embedder = embedder
@@ -495,14 +490,9 @@ class FreeAL:
         predictions into ``folder``."""
         cfg = cfg or self.slm_config
 
-        def show(entry: dict) -> None:
-            step = "fit" if cfg.mode == "linear" else f"epoch {entry['epoch']}/{cfg.epochs}"
-            self.say(
-                f"  SLM {step}: loss {entry['loss']:.4f}, "
-                f"clean {entry['clean_fraction']:.3f}, {entry['seconds']:.1f} s"
-            )
-
-        fit = self.kind.train(self.items, answers, cfg, show)
+        fit = self.kind.train(
+            self.items, answers, cfg, lambda entry: self.say(f"  SLM {slm_line(entry, cfg)}")
+        )
         fit.model.save(folder / "model")
         write_jsonl_atomic(
             folder / "predictions.jsonl",

@@ -202,6 +202,7 @@ def plan_run(
     for a served model; the cost then counts every token sent, as providers bill them."""
     kind = kind_of(task)
     slm = kind.with_backbone(slm)
+    loop = kind.with_defaults(loop)
     texts = kind.texts(items)
     n = len(texts)
     lengths_all = np.asarray([len(t) for t in texts], dtype=np.float64)
@@ -249,7 +250,7 @@ def plan_run(
     # with final_label llm the final labels are the last round's answers: no training is needed
     retrained = loop.deployed_slm == "final_labels" and loop.final_label == "combined"
     if retrained:  # in another mode than the loop's, it embeds the texts its own way first
-        other = (loop.deployed_mode or kind.deployed_mode) != slm.mode
+        other = loop.deployed_mode != slm.mode
         stages.append(Stage("SLM on the final labels", seconds=later_train + other * embed_seconds))
     plan: dict = {
         "items": n,

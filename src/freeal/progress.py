@@ -26,6 +26,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from freeal.config import SLMConfig
+
 T = TypeVar("T")
 Mode = Literal["rich", "json", "quiet"]
 
@@ -33,6 +35,13 @@ Mode = Literal["rich", "json", "quiet"]
 JSON_EVERY = 5.0
 _mode: Mode = "rich"
 _json_handler: logging.Handler | None = None
+
+
+def slm_line(entry: dict, cfg: SLMConfig) -> str:
+    """One entry of an SLM's training log as a line: an epoch of ``cfg.epochs``, or a linear SLM's
+    one fit."""
+    step = "fit" if cfg.mode == "linear" else f"epoch {entry['epoch']}/{cfg.epochs}"
+    return f"{step}: loss {entry['loss']:.4f}, clean {entry['clean_fraction']:.3f}, {entry['seconds']:.1f} s"
 
 
 def set_mode(mode: Mode) -> None:

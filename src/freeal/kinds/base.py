@@ -95,6 +95,16 @@ class TaskKind(ABC):
         """The SLM's encoder when the settings name none: MiniLM, small enough to fine-tune on a CPU."""
         return "all-minilm-l6-v2"
 
+    def with_defaults(self, loop: LoopConfig) -> LoopConfig:
+        """``loop`` with this kind's choices where it leaves them unset (``initial_demos: auto``,
+        ``slm_weight``, ``deployed_mode``), so a run's fingerprint and its plan name what runs."""
+        unset = {
+            "initial_demos": (loop.initial_demos == "auto", self.initial_demos),
+            "slm_weight": (loop.slm_weight is None, self.slm_weight),
+            "deployed_mode": (loop.deployed_mode is None, self.deployed_mode),
+        }
+        return loop.model_copy(update={key: value for key, (pick, value) in unset.items() if pick})
+
     def with_backbone(self, cfg: SLMConfig) -> SLMConfig:
         """``cfg`` with its encoder named (:meth:`backbone` when it names none), so that a run's
         fingerprint, ``freeal train`` and the plan all see the encoder the SLM will use."""
