@@ -29,6 +29,7 @@ from pathlib import Path
 from freeal.config import SLMConfig
 from freeal.data import read_items, read_jsonl, read_sentences
 from freeal.kinds import kind_of
+from freeal.ner import spans_from_tags
 from freeal.report import score
 from freeal.tasks import load_task
 
@@ -64,7 +65,10 @@ def one(run: Path, dataset: str, limit: int, seed: int, test_limit: int, overrid
         "test": len(test),
     }
     if gold:
-        ceiling = kind.train(items, list(items.gold), config, lambda entry: None)
+        truth = list(items.gold)  # NER's gold is IOB2 tags; the kind learns from span lists
+        if task.kind == "ner":
+            truth = [[list(span) for span in spans_from_tags(tags)] for tags in truth]
+        ceiling = kind.train(items, truth, config, lambda entry: None)
         row["gold_labels_slm_test"] = score(kind.score(test.gold, kind.predict(ceiling.model, test)))
     return row
 

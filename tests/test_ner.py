@@ -16,7 +16,7 @@ import pytest
 from freeal.config import LoopConfig, SLMConfig
 from freeal.data import read_jsonl, read_sentences
 from freeal.errors import FreeALError
-from freeal.kinds.ner import merge_spans
+from freeal.kinds.ner import NER, merge_spans
 from freeal.llm.base import Generation, Message
 from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.llm.openai_compat import OpenAICompatAnnotator
@@ -238,19 +238,8 @@ def test_tagger_refuses_tags_that_do_not_fit_their_sentence():
 
 def test_tagger_learns_through_injected_noise_splits_it_off_and_reloads(data_dir, tmp_path):
     # 300 sentences: on 150 the tagger has not learned enough in 5 epochs for losses to separate
-    task = load_task(data_dir / "bc5cdr")
-    train = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=300, seed=0)
+    task, train, noisy_tags, corrupted = _noisy_bc5cdr(data_dir, 300)
     test = read_sentences(data_dir / "bc5cdr" / "test.jsonl", task=task, limit=100, seed=0)
-    rng = np.random.default_rng(0)
-    noisy_tags = []
-    corrupted = np.zeros(len(train), dtype=bool)
-    for k, tags in enumerate(train.gold):  # type: ignore[arg-type]
-        spans = spans_from_tags(tags)
-        if spans and rng.random() < 0.4:  # drop the entities or swap their types, as an LLM might
-            corrupted[k] = True
-            swapped = [("Disease" if t == "Chemical" else "Chemical", a, b) for t, a, b in spans]
-            spans = [] if rng.random() < 0.5 else swapped
-        noisy_tags.append(tags_from_spans(len(tags), spans))
     cfg = SLMConfig(epochs=5, warmup_epochs=2, batch_size=16, device="cpu")
     tagger = SLMTagger(task.label_names, cfg).fit(train.tokens, noisy_tags)
     right = ~corrupted
@@ -265,9 +254,62 @@ def test_tagger_learns_through_injected_noise_splits_it_off_and_reloads(data_dir
     assert SLMTagger.load(tmp_path / "m", device="cpu").predict(test.tokens[:5]) == predicted[:5]
 
 
-# enough for the tagger to reproduce some of SmolLM2's entity lists on 16 sentences, so that the
-# pool holds sentences with entities and refinery runs (an entity-free pool skips it)
-SLM = SLMConfig(epochs=6, warmup_epochs=1, batch_size=8, lr=5e-4, device="cpu")
+def _noisy_bc5cdr(data_dir, n: int):  # type: ignore[no-untyped-def]
+    """``n`` BC5CDR train sentences with 40% of those holding entities corrupted as an LLM might:
+    entities dropped or their types swapped (task, sentences, noisy tags, corrupted mask)."""
+    task = load_task(data_dir / "bc5cdr")
+    train = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=n, seed=0)
+    rng = np.random.default_rng(0)
+    noisy_tags = []
+    corrupted = np.zeros(len(train), dtype=bool)
+    for k, tags in enumerate(train.gold):  # type: ignore[arg-type]
+        spans = spans_from_tags(tags)
+        if spans and rng.random() < 0.4:
+            corrupted[k] = True
+            swapped = [("Disease" if t == "Chemical" else "Chemical", a, b) for t, a, b in spans]
+            spans = [] if rng.random() < 0.5 else swapped
+        noisy_tags.append(tags_from_spans(len(tags), spans))
+    return task, train, noisy_tags, corrupted
+
+
+def test_linear_tagger_splits_injected_noise_on_held_out_losses_and_reloads(data_dir, tmp_path):
+    from freeal.slm.linear import LinearTagger
+
+    task, train, noisy_tags, corrupted = _noisy_bc5cdr(data_dir, 300)
+    test = read_sentences(data_dir / "bc5cdr" / "test.jsonl", task=task, limit=100, seed=0)
+    cfg = SLMConfig(mode="linear", backbone="all-minilm-l6-v2", device="cpu")
+    noisy_tags[3] = None  # an unannotated sentence is predicted, never split
+    tagger = LinearTagger(task.label_names, cfg).fit(train.tokens, noisy_tags)
+    right = ~corrupted
+    right[3] = False
+    labeled = np.ones(len(train), dtype=bool)
+    labeled[3] = False
+    assert not tagger.clean_mask_[3] and np.isnan(tagger.mean_loss_[3])
+    clean, noisy = right[tagger.clean_mask_], right[labeled & ~tagger.clean_mask_]
+    assert 0.2 < tagger.clean_mask_[labeled].mean() < 0.95
+    # measured: clean side 74.5% right, noisy 40%, of 69% (a weaker split than the fine-tuned
+    # tagger's; in the loop the two ended level, BENCHMARKS.md)
+    assert clean.mean() > right[labeled].mean() + 0.03, (clean.mean(), right[labeled].mean())
+    assert noisy.mean() < right[labeled].mean() - 0.15, (noisy.mean(), right[labeled].mean())
+    # held out: a corrupted sentence's own wrong tags are not what its fold model predicts
+    repeated = [t == n for t, n, c in zip(tagger.train_tags_, noisy_tags, corrupted, strict=True) if c]
+    assert np.mean(repeated) < 0.5
+    predicted = tagger.predict(test.tokens)
+    assert ner_report(test.gold, predicted)["f1"] > 0.3  # an all-O tagger scores 0
+    assert all(len(p) == len(t) for p, t in zip(predicted, test.tokens, strict=True))
+    tagger.save(tmp_path / "m")
+    loaded = NER(task).load_model(tmp_path / "m", "cpu")
+    assert isinstance(loaded, LinearTagger) and loaded.predict(test.tokens[:5]) == predicted[:5]
+    with pytest.raises(FreeALError, match="sentence 1: 2 tokens but 1 tags"):
+        LinearTagger(["Chemical"], cfg).fit([["a", "b"]], [["O"]])
+    with pytest.raises(FreeALError, match="mode linear"):
+        LinearTagger(["Chemical"], SLMConfig(mode="finetune"))
+
+
+# the default tagger (linear) judged in-sample: on 16 sentences, fold models trained on 13 learn too little to
+# reproduce any of SmolLM2's entity lists, and the pool must hold sentences with entities for
+# refinery to run (an entity-free pool skips it)
+SLM = SLMConfig(cross_fit=0, device="cpu")
 # SmolLM2 is near chance: min_kappa -1 lets refinery run, these tests check the plumbing
 LOOP = LoopConfig(
     initial_demos="none", k=4, group_size=8, refinery_rounds=1, min_change=0, pool_size=8, min_kappa=-1.0
@@ -334,6 +376,8 @@ def test_ner_loop_runs_reports_and_resumes_after_a_kill(data_dir, smollm2, tmp_p
     assert final != after["spans"].tolist()
     assert loop.slm_path_ == loop.run_dir / "final/slm/model"
     assert report["deployed_slm"]["inductive"]["n"] == 10
+    saved = json.loads((loop.slm_path_ / "tagger.json").read_text())  # linear, on mpnet's layer means
+    assert (saved["config"]["mode"], type(loop.slm_).__name__) == ("linear", "LinearTagger")
     # killed before that step finished: resumed, it trains again and asks the LLM nothing
     (loop.run_dir / "final/slm/step.json").unlink()
     again = _run(task, smollm2, tmp_path / "a.sqlite", tmp_path / "a")[0]
@@ -389,8 +433,26 @@ def test_initial_round_backbone_and_slm_weight_default_to_the_kind(data_dir):
     # the tagger's vote outweighs the LLM's on NER; a classifier's probabilities weigh half
     assert (ner.loop_config.slm_weight, classification.loop_config.slm_weight) == (2.0, 0.5)
     assert FreeAL(TASK, loop=LoopConfig(slm_weight=0.25), progress=False).loop_config.slm_weight == 0.25
-    assert ner.slm_config.backbone == "all-minilm-l6-v2"
     assert classification.slm_config.backbone == "all-mpnet-base-v2"
+    # NER's tagger is linear on mpnet's layer means, in the loop and handed back (also for the
+    # settings' default mode, head, which a tagger does not have); fine-tuned, it is MiniLM on a CPU
+    assert (ner.slm_config.mode, ner.slm_config.pooling, ner.slm_config.backbone) == (
+        "linear",
+        "layers",
+        "all-mpnet-base-v2",
+    )
+    finetuned = FreeAL(TASK, slm=SLMConfig(mode="finetune", device="cpu"), progress=False)
+    assert (finetuned.slm_config.mode, finetuned.slm_config.backbone) == ("finetune", "all-minilm-l6-v2")
+    # ... and a classifier hands back the same kind of model, while its loop keeps the head
+    for runner in (ner, classification, finetuned):
+        deployed = runner.deployed_config
+        assert (deployed.mode, deployed.pooling, deployed.backbone) == (
+            "linear",
+            "layers",
+            "all-mpnet-base-v2",
+        )
+    named = FreeAL(TASK, slm=SLMConfig(backbone="all-minilm-l6-v2"), progress=False).deployed_config
+    assert named.backbone == "all-minilm-l6-v2"  # an encoder the user named is kept
     for device, encoder in (("cpu", "all-minilm-l6-v2"), ("cuda", "all-mpnet-base-v2")):
         finetune = SLMConfig(mode="finetune", device=device)
         loop = FreeAL(load_task(data_dir / "sst2"), slm=finetune, progress=False)

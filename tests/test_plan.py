@@ -42,10 +42,10 @@ def test_plan_recovers_a_known_backend_and_writes_nothing(data_dir, tmp_path, mo
     assert plan["assumed_noisy_share"] == 0.25
     assert refine["sent_tokens"] > refine["calls"] * first["sent_tokens"] / first["calls"]  # demonstrations
     assert stages["round 0 SLM"]["seconds"] > 0 and stages["embed texts"]["seconds"] > 0
-    # one more SLM training, on the final labels, as long as a later round's, after embedding the
-    # texts its own way (the classifier's deployed SLM is linear on layer means, the loop's a head)
-    deployed = stages["round 1 SLM"]["seconds"] + stages["embed texts"]["seconds"]
-    assert stages["SLM on the final labels"]["seconds"] == pytest.approx(deployed)
+    # one more SLM training, on the final labels, timed on its own: the classifier's deployed SLM is
+    # linear on layer means and embeds the texts its own way, where a later round's head reuses its
+    # cached vectors
+    assert stages["SLM on the final labels"]["seconds"] > stages["round 1 SLM"]["seconds"]
     total = plan["total"]
     assert total["seconds"] == pytest.approx(sum(s["seconds"] for s in plan["stages"]))
     low, high = plan["seconds_range"]

@@ -127,8 +127,9 @@ class SLMConfig(BaseModel):
     to embed) or a local encoder folder. Unset, the loop picks per kind: ``all-mpnet-base-v2`` for
     a classifier in ``head`` mode (0.847 against MiniLM's 0.743 on the MR test set with gpt-3.5
     labels, BENCHMARKS.md) and for ``finetune`` on a GPU (0.892 against 0.836 on that test set,
-    21 s per epoch on an H100), ``all-minilm-l6-v2`` for ``finetune`` on a CPU and for the NER
-    tagger, where a larger encoder costs far more per step.
+    21 s per epoch on an H100) and for the linear SLMs (classifier and tagger), ``all-minilm-l6-v2``
+    for ``finetune`` on a CPU and for the fine-tuned NER tagger, where a larger encoder costs far
+    more per step.
     ``mode``: ``head`` trains a small head on frozen, cached sentence embeddings with the robust
     schedule (fast on a CPU); ``linear`` fits a logistic regression on frozen layer means in seconds
     (:mod:`freeal.slm.linear`; what the loop hands back on a CPU, ``LoopConfig.deployed_mode``);
@@ -143,13 +144,14 @@ class SLMConfig(BaseModel):
     ``lambda_u`` weighs the consistency loss on noisy items. It defaults to 0 (noisy items are left
     out): with real LLM labels on MR, SST-2 and TREC the consistency term lowered test accuracy,
     while it helped under synthetic uniform noise (BENCHMARKS.md); set 1.0 for the paper's setting.
-    For NER the tagger always fine-tunes (``mode`` and the mixup settings do not apply) and
-    ``split_unit`` says whether the GMM splits sentences (mean token loss) or tokens.
+    For NER the tagger is ``linear`` (also for ``head``, which a tagger does not have) or
+    ``finetune`` (then ``split_unit`` says whether the GMM splits sentences, by mean token loss, or
+    tokens); mixup does not apply.
     ``cross_fit``: the SLM's opinion of each item comes from a model that did not train on it
     (``cross_fit`` folds, each predicted by a model trained on the others), so it can disagree
     with a label it would otherwise memorise; 0 takes the trained model's own predictions. The
-    classifier only: the NER tagger fine-tunes its encoder, and five more fine-tunings per round
-    cost too much on a CPU.
+    classifier and the linear tagger only: five more fine-tunings of a tagger per round cost too
+    much on a CPU.
     Under ``accelerate launch`` the SLM trains in one process per GPU (README, "More than one GPU").
     """
 
@@ -238,8 +240,8 @@ class LoopConfig(BaseModel):
     1.9 (MR) points below the final labels on the test sets where the ``head`` was 3.7 and 4.0
     below, while the loop's own SLM stays the ``head`` that chooses what refinery asks (with the
     linear SLM there, refinery fixed fewer labels and broke more: TREC ended below zero-shot);
-    ``finetune`` for NER, whose tagger always fine-tunes (BENCHMARKS.md, "Features for the SLM's
-    head").
+    ``linear`` for NER too, a logistic regression per word, level in entity F1 with the fine-tuned
+    tagger in a sixth of the time (BENCHMARKS.md, "Features for the SLM's head", "A linear tagger").
     """
 
     model_config = ConfigDict(extra="forbid")

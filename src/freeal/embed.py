@@ -169,10 +169,11 @@ class Embedder:
             self._model = SentenceTransformer(self.model_path, device=self.device)
         return self._model
 
-    def _key(self, texts: Sequence[str]) -> str:
+    def _key(self, texts: Sequence[str], pooling: str | None = None) -> str:
         digest = hashlib.sha256(str(Path(self.model_path).resolve()).encode())
-        if self.pooling != "sentence":  # sentence vectors keep the keys they were cached under
-            digest.update(f"\x02{self.pooling}".encode())
+        pooling = pooling or self.pooling
+        if pooling != "sentence":  # sentence vectors keep the keys they were cached under
+            digest.update(f"\x02{pooling}".encode())
         for text in texts:
             digest.update(b"\x00" + text.encode("utf-8"))
         return digest.hexdigest()
@@ -210,6 +211,57 @@ class Embedder:
             starts = range(0, len(texts), self.CHUNK)
             self._write(path, len(texts), (self._model_encode(texts[s : s + self.CHUNK]) for s in starts))
         return np.load(path, mmap_mode="r")
+
+    def word_vectors(self, sentences: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Per sentence, a (words, d) float32 array: each word's first sub-word, its states averaged
+        over the encoder's layers (the input embeddings left out), not normalized. What a linear
+        tagger learns from (:class:`freeal.slm.linear.LinearTagger`); a word cut off by the encoder's
+        length limit gets zeros. Cached on disk like :meth:`encode` (one file of every word's row),
+        so a tagger retrained each round, or resumed, embeds its sentences once."""
+        lengths = [len(s) for s in sentences]
+        if self.cache_dir is None or not sentences:
+            flat = self._first_word_states(sentences)
+        else:
+            key = self._key(["\x01".join(s) for s in sentences], "words")
+            path = self.cache_dir / f"{key}.npy"
+            if not path.is_file():
+                starts = range(0, len(sentences), self.CHUNK)
+                chunks = (self._first_word_states(sentences[s : s + self.CHUNK]) for s in starts)
+                self._write(path, sum(lengths), chunks)
+            flat = np.load(path, mmap_mode="r")
+        return np.split(np.asarray(flat), np.cumsum(lengths)[:-1]) if sentences else []
+
+    def _first_word_states(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
+        import torch
+
+        model = self._load()
+        transformer = model[0]
+        order = np.argsort([-len(s) for s in sentences], kind="stable")
+        dim = transformer.auto_model.config.hidden_size
+        rows: list[np.ndarray] = [np.zeros((0, dim), np.float32)] * len(sentences)
+        with torch.inference_mode():
+            for start in range(0, len(sentences), self.batch_size):
+                picked = order[start : start + self.batch_size]
+                batch = transformer.tokenizer(
+                    [list(sentences[i]) for i in picked],
+                    is_split_into_words=True,
+                    padding=True,
+                    truncation=True,
+                    max_length=model.max_seq_length,
+                    return_tensors="pt",
+                )
+                states = transformer.auto_model(**batch.to(self.device), output_hidden_states=True)
+                mean = torch.stack(states.hidden_states[1:]).mean(0).float().cpu().numpy()
+                for b, i in enumerate(picked):
+                    first: dict[int, int] = {}
+                    for pos, word in enumerate(batch.word_ids(b)):
+                        if word is not None and word not in first:
+                            first[word] = pos
+                    out = np.zeros((len(sentences[i]), mean.shape[-1]), np.float32)
+                    for word, pos in first.items():
+                        out[word] = mean[b, pos]
+                    rows[i] = out
+        return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
 
     @staticmethod
     def _write(path: Path, n: int, chunks: Iterable[np.ndarray]) -> Path:
@@ -270,7 +322,7 @@ class Embedder:
                 tokens = torch.stack(states).mul(mask).sum(2) / mask.sum(1)  # (layers, texts, dim)
                 vectors.append(torch.nn.functional.normalize(tokens.mean(0), dim=1).float().cpu().numpy())
         if not vectors:
-            return np.zeros((0, model.get_sentence_embedding_dimension() or 0), dtype=np.float32)
+            return np.zeros((0, transformer.auto_model.config.hidden_size), dtype=np.float32)
         out = np.empty((len(texts), vectors[0].shape[1]), dtype=np.float32)
         out[order] = np.concatenate(vectors)
         return out

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from freeal.config import LLMConfig, LoopConfig, SLMConfig, cache_root, run_key, validate
+from freeal.config import LLMConfig, LoopConfig, SLMConfig, cache_root, run_key
 from freeal.data import iter_jsonl, read_jsonl, write_jsonl_atomic, write_text_atomic
 from freeal.demos import demonstration_groups
 from freeal.embed import Embedder
@@ -146,6 +146,7 @@ class FreeAL:
         # resolved here, per kind, so the run's fingerprint names the choices
         self.slm_config = self.kind.with_backbone(slm)
         self.loop_config = self.kind.with_defaults(loop or LoopConfig())
+        self.deployed_config = self.kind.deployed_settings(slm, self.loop_config)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._annotator = annotator
         self._embedder = embedder
@@ -235,11 +236,15 @@ class FreeAL:
         from freeal.embed import encoder_path, weights_identity
         from freeal.llm import annotator_identity
 
-        return {
+        models = {
             "annotator": self._annotator.identity if self._annotator else annotator_identity(self.llm_config),
             "embedder": self.embedder.identity,
             "backbone": weights_identity(encoder_path(self.slm_config.backbone)),
         }
+        if self.deployed_config.backbone != self.slm_config.backbone:  # named only where it differs,
+            # so the folders of runs whose deployed SLM shares the loop's encoder still resume
+            models["deployed_backbone"] = weights_identity(encoder_path(self.deployed_config.backbone))
+        return models
 
     # -- run folder -------------------------------------------------------------------------------
     def _claim(self, spec: dict) -> None:
@@ -477,12 +482,9 @@ class FreeAL:
         of 9 slices, so it trains even when the labels are the last round's (BENCHMARKS.md)."""
         answers = self._with_fixed(iter_jsonl(self._path("final") / "answers.jsonl"))
         last = self._summary("final")["round"]
-        cfg = self.slm_config
-        if self.loop_config.deployed_mode != cfg.mode:  # its pooling too is the mode's own
-            fields = {**cfg.model_dump(), "mode": self.loop_config.deployed_mode, "pooling": None}
-            cfg = validate(SLMConfig, fields, "the deployed SLM")  # type: ignore[assignment]
-        elif answers == self._answers(f"round-{last}/llm"):  # nothing new to learn: that SLM it is
-            return {"same_as_round": last}
+        cfg = self.deployed_config
+        if cfg == self.slm_config and answers == self._answers(f"round-{last}/llm"):
+            return {"same_as_round": last}  # nothing new to learn: that SLM it is
         return self._fit_slm(answers, self._path("final/slm"), cfg)
 
     def _fit_slm(self, answers: list[Any], folder: Path, cfg: SLMConfig | None = None) -> dict:

@@ -20,6 +20,8 @@ import json
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 from freeal.errors import FreeALError
 
 Span = tuple[str, int, int]
@@ -79,6 +81,42 @@ def spans_from_tags(tags: Sequence[str]) -> list[Span]:
         if tag.startswith("B-"):
             start, kind = k, tag[2:]
     return spans
+
+
+def check_tag_rows(
+    sentences: Sequence[Sequence[str]], tags: Sequence[Sequence[str] | None], names: Sequence[str]
+) -> None:
+    """One clear error for training data a tagger cannot take: a row of tags (``None``: no
+    annotation) of another length than its sentence, or a tag outside ``names``."""
+    if len(sentences) != len(tags):
+        raise FreeALError("sentences and tags must have the same length")
+    for k, (sentence, row) in enumerate(zip(sentences, tags, strict=True)):
+        if row is None:
+            continue
+        if len(row) != len(sentence):
+            raise FreeALError(f"sentence {k + 1}: {len(sentence)} tokens but {len(row)} tags")
+        bad = next((t for t in row if t not in names), None)
+        if bad is not None:
+            raise FreeALError(f"sentence {k + 1}: tag {bad!r} is not one of {', '.join(names)}")
+
+
+def repair_tags(tags: Sequence[str]) -> list[str]:
+    """A tagger's per-word choices made valid IOB2: an ``I-`` that continues nothing becomes ``B-``."""
+    out: list[str] = []
+    previous = "O"
+    for tag in tags:
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            tag = "B-" + tag[2:]
+        out.append(tag)
+        previous = tag
+    return out
+
+
+def tag_signatures(rows: Sequence[Sequence[str]]) -> np.ndarray:
+    """Per sentence, the types its tags hold (``Chemical+Disease``, ``none``): the groups a tagger's
+    clean/noisy mixture is fitted in, since a sentence without entities has a tiny loss and one
+    mixture over all would call nearly every sentence with an entity noisy."""
+    return np.asarray(["+".join(sorted({t[2:] for t in row if t != "O"})) or "none" for row in rows])
 
 
 def tags_from_spans(n: int, spans: Sequence[Span]) -> list[str]:

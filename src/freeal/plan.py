@@ -201,8 +201,9 @@ def plan_run(
     to the user's cache or run folder. ``price_per_million``: (input, output) price per 1M tokens,
     for a served model; the cost then counts every token sent, as providers bill them."""
     kind = kind_of(task)
-    slm = kind.with_backbone(slm)
     loop = kind.with_defaults(loop)
+    deployed = kind.deployed_settings(slm, loop)
+    slm = kind.with_backbone(slm)
     texts = kind.texts(items)
     n = len(texts)
     lengths_all = np.asarray([len(t) for t in texts], dtype=np.float64)
@@ -225,6 +226,13 @@ def plan_run(
         fresh = np.random.default_rng()
         first_train, later_train, model_mb = _probe_slm(
             kind, items, slm, slm_probe, fresh, scratch, lengths_all
+        )
+        # the SLM handed back, in settings of its own (another mode, encoder): its first step, which
+        # embeds the texts its own way
+        deployed_train = (
+            later_train
+            if deployed == slm
+            else _probe_slm(kind, items, deployed, slm_probe, fresh, scratch, lengths_all)[0]
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -249,9 +257,8 @@ def plan_run(
         stages.append(Stage(f"round {r} SLM", seconds=later_train))
     # with final_label llm the final labels are the last round's answers: no training is needed
     retrained = loop.deployed_slm == "final_labels" and loop.final_label == "combined"
-    if retrained:  # in another mode than the loop's, it embeds the texts its own way first
-        other = loop.deployed_mode != slm.mode
-        stages.append(Stage("SLM on the final labels", seconds=later_train + other * embed_seconds))
+    if retrained:
+        stages.append(Stage("SLM on the final labels", seconds=deployed_train))
     plan: dict = {
         "items": n,
         "unit": kind.unit,

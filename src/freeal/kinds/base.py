@@ -110,6 +110,18 @@ class TaskKind(ABC):
         fingerprint, ``freeal train`` and the plan all see the encoder the SLM will use."""
         return cfg if cfg.backbone is not None else cfg.model_copy(update={"backbone": self.backbone(cfg)})
 
+    def deployed_settings(self, slm: SLMConfig, loop: LoopConfig) -> SLMConfig:
+        """The settings of the SLM handed back: the user's ``slm`` settings in ``loop``'s
+        ``deployed_mode`` (this kind's when unset), with that mode's own pooling and, where the
+        user named no encoder, this kind's encoder for it (:meth:`with_backbone`)."""
+        from freeal.config import validate
+
+        mode = loop.deployed_mode or self.deployed_mode
+        if mode != slm.mode:
+            fields = {**slm.model_dump(), "mode": mode, "pooling": None}
+            slm = validate(SLMConfig, fields, "the deployed SLM")  # type: ignore[assignment]
+        return self.with_backbone(slm)
+
     # -- data -------------------------------------------------------------------------------------
     @abstractmethod
     def read(self, data: Any, gold: Sequence[Any] | None) -> Any:

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from freeal.config import SLMConfig
 from freeal.embed import encoder_path, torch_device
 from freeal.errors import FreeALError
-from freeal.ner import tag_names
+from freeal.ner import check_tag_rows, repair_tags, tag_names, tag_signatures
 from freeal.slm.losses import symmetric_kl
 from freeal.slm.noise import split_clean
 from freeal.slm.robust import RobustTrainer
@@ -139,14 +139,7 @@ class SLMTagger(RobustTrainer):
         the given tags (which types a sentence holds): a sentence without entities has a tiny mean
         loss, and one mixture over all sentences would call nearly every sentence with an entity
         noisy (on a 30-sentence BC5CDR smoke run it flagged 90% of them)."""
-        if len(sentences) != len(tags):
-            raise FreeALError("sentences and tags must have the same length")
-        for k, (sentence, row) in enumerate(zip(sentences, tags, strict=True)):
-            if row is not None and len(row) != len(sentence):
-                raise FreeALError(f"sentence {k + 1}: {len(sentence)} tokens but {len(row)} tags")
-            if row is not None and any(t not in self.tags for t in row):
-                bad = next(t for t in row if t not in self.tags)
-                raise FreeALError(f"sentence {k + 1}: tag {bad!r} is not one of {', '.join(self.tags)}")
+        check_tag_rows(sentences, tags, self.tags)
         cfg = self.config
         self._build()
         words = [list(s) for s in sentences]
@@ -165,7 +158,7 @@ class SLMTagger(RobustTrainer):
         self._token_clean: list[np.ndarray] = [np.ones(len(w), dtype=bool) for w in words]
         self._sentence_clean = np.zeros(len(words), dtype=bool)
         self._sentence_clean[labeled] = True
-        self._groups = self._signatures([given[i] for i in labeled]) if cfg.split_per_class else None
+        self._groups = tag_signatures([given[i] for i in labeled]) if cfg.split_per_class else None
         history = self._run_epochs(on_epoch)
         self._finish(words, given, labeled, history)
         return self
@@ -261,10 +254,6 @@ class SLMTagger(RobustTrainer):
         self.clean_mask_[labeled] = mask
         self.clean_prob_[labeled] = prob
 
-    @staticmethod
-    def _signatures(tags: list[list[str]]) -> np.ndarray:
-        return np.asarray(["+".join(sorted({t[2:] for t in row if t != "O"})) or "none" for row in tags])
-
     def _predict(self, sentences: Sequence[Sequence[str]]) -> tuple[list[list[str]], np.ndarray]:
         self.net.eval()
         out: list[list[str]] = []
@@ -277,7 +266,7 @@ class SLMTagger(RobustTrainer):
                 for b, first in enumerate(firsts):
                     rows = [proba[b, p] if p >= 0 else None for p in first]
                     tags = [self.tags[int(r.argmax())] if r is not None else "O" for r in rows]
-                    out.append(_repair(tags))
+                    out.append(repair_tags(tags))
                     tops = [float(r.max()) for r in rows if r is not None]
                     confidence.append(float(np.mean(tops)) if tops else 1.0)
         return out, np.asarray(confidence)
@@ -300,14 +289,3 @@ class SLMTagger(RobustTrainer):
     def _from_meta(cls, meta: dict, device: str) -> SLMTagger:
         saved = {"device": device, "backbone": meta["backbone"], "split_unit": meta["split_unit"]}
         return cls(meta["types"], SLMConfig(**{**meta["config"], **saved}))
-
-
-def _repair(tags: list[str]) -> list[str]:
-    out = []
-    previous = "O"
-    for tag in tags:
-        if tag.startswith("I-") and previous[2:] != tag[2:]:
-            tag = "B-" + tag[2:]
-        out.append(tag)
-        previous = tag
-    return out
