@@ -338,7 +338,8 @@ if __name__ == "__main__":
     quality("paper")
     zeroshot()
     for path in sorted(RESULTS.glob("slm_*.json")):
-        slm(path.name)
+        if "dataset" in json.loads(path.read_text()):  # bench/slm.py's (not slm_folds.py's)
+            slm(path.name)
     for path in sorted(RESULTS.glob("loop_*.json")):
         loop(path.name)
     for path in sorted(RESULTS.glob("tagger_*.json")):

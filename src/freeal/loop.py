@@ -115,7 +115,8 @@ class FreeAL:
     """Label texts (or sentences, for NER) with no human in the loop: plain parameters, then ``fit``.
 
     ``llm``, ``slm`` and ``loop`` are the three stages' settings (kept as ``llm_config``,
-    ``slm_config``, ``loop_config``). ``run_dir`` holds every step of the run and makes it
+    ``slm_config``, ``loop_config``, resolved per kind; ``deployed_config`` holds the settings of
+    the SLM handed back). ``run_dir`` holds every step of the run and makes it
     resumable; by default a folder under the freeal cache named by the run's fingerprint, so
     calling ``fit`` again with the same input and settings resumes or returns the finished run.
     ``annotator`` and ``embedder`` replace the ones the configs would build (e.g. to share a loaded

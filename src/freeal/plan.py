@@ -204,6 +204,8 @@ def plan_run(
     loop = kind.with_defaults(loop)
     deployed = kind.deployed_settings(slm, loop)
     slm = kind.with_backbone(slm)
+    # with final_label llm the final labels are the last round's answers: no training is needed
+    retrained = loop.deployed_slm == "final_labels" and loop.final_label == "combined"
     texts = kind.texts(items)
     n = len(texts)
     lengths_all = np.asarray([len(t) for t in texts], dtype=np.float64)
@@ -231,7 +233,7 @@ def plan_run(
         # embeds the texts its own way
         deployed_train = (
             later_train
-            if deployed == slm
+            if deployed == slm or not retrained
             else _probe_slm(kind, items, deployed, slm_probe, fresh, scratch, lengths_all)[0]
         )
     finally:
@@ -255,8 +257,6 @@ def plan_run(
     for r in range(1, loop.refinery_rounds + 1):
         stages.append(refine.stage(f"round {r} refinery", groups(asked), np.full(asked, mean_length)))
         stages.append(Stage(f"round {r} SLM", seconds=later_train))
-    # with final_label llm the final labels are the last round's answers: no training is needed
-    retrained = loop.deployed_slm == "final_labels" and loop.final_label == "combined"
     if retrained:
         stages.append(Stage("SLM on the final labels", seconds=deployed_train))
     plan: dict = {
