@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from freeal.slm.classifier import checked_settings, label_indices
 from freeal.slm.noise import split_clean
 
 log = logging.getLogger(__name__)
+L = TypeVar("L", bound="_FrozenLinear")
 
 #: inverse regularization strength on standardized features (scikit-learn's C, which weighs the
 #: summed loss, so the penalty's share shrinks as the data grows). On issue 12's 9 slices (the final
@@ -56,8 +57,13 @@ class _FrozenLinear:
     fixed set of outputs (labels, tags), and the arrays that save it."""
 
     WEIGHTS = "linear.npz"
+    #: the saved JSON's name, and its key for the outputs' names (``labels``, ``types``)
+    META: ClassVar[str]
+    NAMES: ClassVar[str]
     #: one process trains it (the ``accelerate launch`` attributes of the other SLMs)
     main_process = True
+    config: SLMConfig
+    backbone: str
     _width: int
 
     def _standardized(self, vectors: np.ndarray, fit: bool = False) -> np.ndarray:
@@ -98,6 +104,30 @@ class _FrozenLinear:
         proba[:, classes] = scores / scores.sum(1, keepdims=True)
         return proba
 
+    def save(self, folder: str | Path) -> None:
+        """The arrays and the JSON that rebuilds the model (its outputs' names under ``NAMES``),
+        each written atomically."""
+        folder = Path(folder)
+        self._save_arrays(folder)
+        meta = {
+            self.NAMES: getattr(self, self.NAMES),
+            "config": self.config.model_dump(mode="json"),
+            "backbone": self.backbone,
+        }
+        write_text_atomic(folder / self.META, json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls: type[L], folder: str | Path, device: str = "auto") -> L:
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / cls.META).read_text())
+        except (OSError, ValueError) as exc:
+            raise FreeALError(f"{folder}: not a saved {cls.__name__} ({exc})") from exc
+        config = SLMConfig(**{**meta["config"], "backbone": meta["backbone"], "device": device})
+        model = cls(meta[cls.NAMES], config)  # type: ignore[call-arg]
+        model._load_arrays(folder)
+        return model
+
     def _save_arrays(self, folder: Path) -> None:
         """The model as arrays, read back without pickle, written whole under a temporary name and
         renamed, so a kill never leaves half a model."""
@@ -133,6 +163,7 @@ class LinearSLM(_FrozenLinear):
     """
 
     META = "slm.json"
+    NAMES = "labels"
 
     def __init__(
         self,
@@ -230,25 +261,6 @@ class LinearSLM(_FrozenLinear):
     def predict(self, texts: Sequence[str]) -> list[str]:
         return [self.labels[i] for i in self.predict_proba(texts).argmax(1)]
 
-    def save(self, folder: str | Path) -> None:
-        """The arrays and the JSON that rebuilds the model, each written atomically."""
-        folder = Path(folder)
-        self._save_arrays(folder)
-        meta = {"labels": self.labels, "config": self.config.model_dump(), "backbone": self.backbone}
-        write_text_atomic(folder / self.META, json.dumps(meta, indent=2))
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str = "auto") -> LinearSLM:
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / cls.META).read_text())
-        except (OSError, ValueError) as exc:
-            raise FreeALError(f"{folder}: not a saved LinearSLM ({exc})") from exc
-        config = SLMConfig(**{**meta["config"], "backbone": meta["backbone"], "device": device})
-        model = cls(meta["labels"], config)
-        model._load_arrays(folder)
-        return model
-
 
 class LinearTagger(_FrozenLinear):
     """A token tagger: one logistic regression over the IOB2 tags, on each word's standardized layer
@@ -264,6 +276,7 @@ class LinearTagger(_FrozenLinear):
     """
 
     META = "tagger.json"
+    NAMES = "types"
 
     def __init__(
         self, types: Sequence[str], config: SLMConfig | None = None, *, embedder: Embedder | None = None
@@ -357,23 +370,3 @@ class LinearTagger(_FrozenLinear):
             return [[] for _ in sentences]
         best = self._proba(self._standardized(np.concatenate(vectors))).argmax(1)
         return [repair_tags([self.tags[k] for k in row]) for row in np.split(best, np.cumsum(lengths)[:-1])]
-
-    def save(self, folder: str | Path) -> None:
-        """The arrays and the JSON that rebuilds the tagger, each written atomically."""
-        folder = Path(folder)
-        self._save_arrays(folder)
-        meta = {"types": self.types, "config": self.config.model_dump(mode="json"), "backbone": self.backbone}
-        write_text_atomic(folder / self.META, json.dumps(meta, indent=2))
-
-    @classmethod
-    def load(cls, folder: str | Path, device: str = "auto") -> LinearTagger:
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / cls.META).read_text())
-        except (OSError, ValueError) as exc:
-            raise FreeALError(f"{folder}: not a saved LinearTagger ({exc})") from exc
-        model = cls(
-            meta["types"], SLMConfig(**{**meta["config"], "backbone": meta["backbone"], "device": device})
-        )
-        model._load_arrays(folder)
-        return model
