@@ -144,9 +144,9 @@ class SLMConfig(BaseModel):
     ``lambda_u`` weighs the consistency loss on noisy items. It defaults to 0 (noisy items are left
     out): with real LLM labels on MR, SST-2 and TREC the consistency term lowered test accuracy,
     while it helped under synthetic uniform noise (BENCHMARKS.md); set 1.0 for the paper's setting.
-    For NER the tagger is ``linear`` (also for ``head``, which a tagger does not have) or
-    ``finetune`` (then ``split_unit`` says whether the GMM splits sentences, by mean token loss, or
-    tokens); mixup does not apply.
+    For NER the tagger is ``finetune`` (also for ``head``, which a tagger does not have; then
+    ``split_unit`` says whether the GMM splits sentences, by mean token loss, or tokens) or
+    ``linear``; mixup does not apply.
     ``cross_fit``: the SLM's opinion of each item comes from a model that did not train on it
     (``cross_fit`` folds, each predicted by a model trained on the others), so it can disagree
     with a label it would otherwise memorise; 0 takes the trained model's own predictions. The

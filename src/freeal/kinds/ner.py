@@ -11,10 +11,10 @@
   is never shown: measured, it taught the LLM to answer "no entity" everywhere.
 - A re-asked sentence takes its new entity list (an entity list has no probabilities to combine);
   an unreadable answer keeps the old list.
-- The SLM is a token tagger, by default a logistic regression on mpnet's layer means
-  (:class:`freeal.slm.linear.LinearTagger`, its clean/noisy split on held-out losses), level in
-  entity F1 with the fine-tuned one (``mode: finetune``, :class:`freeal.slm.tagger.SLMTagger`) and
-  much faster to train on a CPU.
+- The SLM is a token tagger: fine-tuned in the loop (:class:`freeal.slm.tagger.SLMTagger`); the one
+  handed back is a logistic regression on mpnet's layer means
+  (:class:`freeal.slm.linear.LinearTagger`, ``deployed_mode``), level in entity F1 and much faster
+  to train on a CPU. ``mode: linear`` puts it in the loop too (faster; see :meth:`NER.with_backbone`).
 - Final entities (``final_label: combined``): the corpus is made to agree with itself. A word
   sequence the LLM marked as one type in most of the places it occurs is marked so where it was
   missed (:meth:`NER.combine`); the tagger's own predictions on its training sentences mostly
@@ -209,14 +209,14 @@ class NER(TaskKind):
         return "all-mpnet-base-v2" if cfg.mode == "linear" else "all-minilm-l6-v2"
 
     def with_backbone(self, cfg: SLMConfig) -> SLMConfig:
-        """The encoder named, and the mode a tagger has: ``finetune`` stays; ``linear``, also for
-        ``head`` (the settings' default, a mode a tagger does not have), so the run's recorded
-        settings say what it does. Linear is the default: on 3 BC5CDR slices the loop with it ended
-        level with the fine-tuned tagger's (entity F1 0.610 against 0.616, +6.3 ± 2.1 over zero-shot
-        against +6.8 ± 1.8) with a twelfth of the tagger time (its three fits and the one handed
-        back took 69-80 s per 300 sentences on 2 cores against 890-958 s), BENCHMARKS.md."""
-        if cfg.mode != "finetune":
-            cfg = cfg.model_copy(update={"mode": "linear", "pooling": "layers"})
+        """The encoder named, and the mode a tagger has: ``linear`` stays; any other mode, the
+        settings' default ``head`` included, is ``finetune``, the loop's default tagger. As the
+        loop's tagger the linear one ended level on 3 BC5CDR slices (entity F1 0.610 against
+        0.616) with a twelfth of the tagger time, but on a fourth its held-out tag lists agreed
+        with the LLM's too little (kappa 0.18 against the fine-tuned tagger's 0.59-0.70), the
+        near-chance check stopped refinery and the labels stayed zero-shot (BENCHMARKS.md)."""
+        if cfg.mode != "linear":
+            cfg = cfg.model_copy(update={"mode": "finetune", "pooling": None})
         return super().with_backbone(cfg)
 
     def train(
