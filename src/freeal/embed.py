@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -232,36 +233,44 @@ class Embedder:
         return np.split(np.asarray(flat), np.cumsum(lengths)[:-1]) if sentences else []
 
     def _first_word_states(self, sentences: Sequence[Sequence[str]]) -> np.ndarray:
+        dim = self._load()[0].auto_model.config.hidden_size
+        rows: list[np.ndarray] = [np.zeros((0, dim), np.float32)] * len(sentences)
+        words = [list(s) for s in sentences]
+        for picked, batch, states in self._layer_states(words, is_split_into_words=True):
+            mean = states.mean(0).float().cpu().numpy()  # over the layers
+            for b, i in enumerate(picked):
+                first: dict[int, int] = {}
+                for pos, word in enumerate(batch.word_ids(b)):
+                    if word is not None and word not in first:
+                        first[word] = pos
+                out = np.zeros((len(sentences[i]), mean.shape[-1]), np.float32)
+                for word, pos in first.items():
+                    out[word] = mean[b, pos]
+                rows[i] = out
+        return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+
+    def _layer_states(self, inputs: Sequence[Any], **tokenizer_options: Any) -> Iterator[tuple[Any, ...]]:
+        """Batches of like length (longest first): the inputs' positions, the tokenized batch and
+        every layer's states but the input embeddings, stacked (layers, batch, tokens, dim); inputs
+        cut at the encoder's own length limit. What the layer-mean poolings reduce."""
         import torch
 
         model = self._load()
         transformer = model[0]
-        order = np.argsort([-len(s) for s in sentences], kind="stable")
-        dim = transformer.auto_model.config.hidden_size
-        rows: list[np.ndarray] = [np.zeros((0, dim), np.float32)] * len(sentences)
+        order = np.argsort([-len(x) for x in inputs], kind="stable")
         with torch.inference_mode():
-            for start in range(0, len(sentences), self.batch_size):
+            for start in range(0, len(inputs), self.batch_size):
                 picked = order[start : start + self.batch_size]
                 batch = transformer.tokenizer(
-                    [list(sentences[i]) for i in picked],
-                    is_split_into_words=True,
+                    [inputs[i] for i in picked],
                     padding=True,
                     truncation=True,
                     max_length=model.max_seq_length,
                     return_tensors="pt",
-                )
-                states = transformer.auto_model(**batch.to(self.device), output_hidden_states=True)
-                mean = torch.stack(states.hidden_states[1:]).mean(0).float().cpu().numpy()
-                for b, i in enumerate(picked):
-                    first: dict[int, int] = {}
-                    for pos, word in enumerate(batch.word_ids(b)):
-                        if word is not None and word not in first:
-                            first[word] = pos
-                    out = np.zeros((len(sentences[i]), mean.shape[-1]), np.float32)
-                    for word, pos in first.items():
-                        out[word] = mean[b, pos]
-                    rows[i] = out
-        return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+                    **tokenizer_options,
+                ).to(self.device)
+                states = transformer.auto_model(**batch, output_hidden_states=True).hidden_states[1:]
+                yield picked, batch, torch.stack(states)
 
     @staticmethod
     def _write(path: Path, n: int, chunks: Iterable[np.ndarray]) -> Path:
@@ -301,28 +310,17 @@ class Embedder:
 
     def _layer_means(self, texts: Sequence[str]) -> np.ndarray:
         """Each layer's token states averaged over the text's tokens, then over the layers (the
-        input embeddings left out), unit-normalized; texts cut at the encoder's own length limit."""
+        input embeddings left out), unit-normalized."""
         import torch
 
-        model = self._load()
-        transformer = model[0]
-        order = np.argsort([-len(text) for text in texts], kind="stable")  # batches of like length
-        vectors = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
-                batch = transformer.tokenizer(
-                    [texts[i] for i in order[start : start + self.batch_size]],
-                    padding=True,
-                    truncation=True,
-                    max_length=model.max_seq_length,
-                    return_tensors="pt",
-                ).to(self.device)
-                states = transformer.auto_model(**batch, output_hidden_states=True).hidden_states[1:]
-                mask = batch["attention_mask"].unsqueeze(-1).to(states[0].dtype)
-                tokens = torch.stack(states).mul(mask).sum(2) / mask.sum(1)  # (layers, texts, dim)
-                vectors.append(torch.nn.functional.normalize(tokens.mean(0), dim=1).float().cpu().numpy())
+        picked_all, vectors = [], []
+        for picked, batch, states in self._layer_states(texts):
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            tokens = states.mul(mask).sum(2) / mask.sum(1)  # (layers, texts, dim)
+            vectors.append(torch.nn.functional.normalize(tokens.mean(0), dim=1).float().cpu().numpy())
+            picked_all.append(picked)
         if not vectors:
-            return np.zeros((0, transformer.auto_model.config.hidden_size), dtype=np.float32)
+            return np.zeros((0, self._load()[0].auto_model.config.hidden_size), dtype=np.float32)
         out = np.empty((len(texts), vectors[0].shape[1]), dtype=np.float32)
-        out[order] = np.concatenate(vectors)
+        out[np.concatenate(picked_all)] = np.concatenate(vectors)
         return out
