@@ -28,6 +28,7 @@ from pathlib import Path
 
 from freeal.config import SLMConfig
 from freeal.data import read_items, read_jsonl, read_sentences
+from freeal.embed import torch_device
 from freeal.kinds import kind_of
 from freeal.ner import spans_from_tags
 from freeal.report import score
@@ -37,13 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 
-def one(run: Path, dataset: str, limit: int, seed: int, test_limit: int, overrides: dict, gold: bool) -> dict:
+def one(
+    run: Path, data: Path, dataset: str, limit: int, seed: int, test_limit: int, overrides: dict, gold: bool
+) -> dict:
     """The run's last-round SLM and the SLM trained on its final labels, on the run's test slice."""
-    task = load_task(DATA / dataset)
+    task = load_task(data / dataset)
     kind = kind_of(task)
     read = read_sentences if task.kind == "ner" else read_items
-    items = read(DATA / dataset / "train.jsonl", task=task, limit=limit, seed=seed)
-    test = read(DATA / dataset / "test.jsonl", task=task, limit=test_limit, seed=seed)
+    items = read(data / dataset / "train.jsonl", task=task, limit=limit, seed=seed)
+    test = read(data / dataset / "test.jsonl", task=task, limit=test_limit, seed=seed)
     if items.ids != [r["id"] for r in read_jsonl(run / "items.jsonl")]:
         raise SystemExit(f"{run}: its items are not the slice (data set {dataset}, seed {seed})")
     spec = json.loads((run / "run.json").read_text())
@@ -62,6 +65,7 @@ def one(run: Path, dataset: str, limit: int, seed: int, test_limit: int, overrid
         "run_handed_back_slm_test": score((report.get("deployed_slm") or {}).get("inductive")),
         "final_labels_slm_test": score(kind.score(test.gold, kind.predict(fit.model, test))),
         "seconds": seconds,
+        "device": device_name(config.device),
         "test": len(test),
     }
     if gold:
@@ -71,6 +75,16 @@ def one(run: Path, dataset: str, limit: int, seed: int, test_limit: int, overrid
         ceiling = kind.train(items, truth, config, lambda entry: None)
         row["gold_labels_slm_test"] = score(kind.score(test.gold, kind.predict(ceiling.model, test)))
     return row
+
+
+def device_name(device: str) -> str:
+    """The device the SLM trained on, as a table names it (the GPU's name, or ``cpu``)."""
+    resolved = torch_device(device)
+    if resolved.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(resolved))
+    return resolved
 
 
 def main() -> None:
@@ -83,6 +97,7 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--set", nargs="*", default=[], help="SLMConfig changes, e.g. mode=linear")
     parser.add_argument("--gold", action="store_true", help="also train on gold labels (a ceiling)")
+    parser.add_argument("--data", type=Path, default=DATA, help="the data sets' folder")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -91,7 +106,7 @@ def main() -> None:
         rows = []
         for seed in args.seeds:
             run = args.runs / f"{args.preset}_{dataset}_{args.limit}_s{seed}"
-            rows.append(one(run, dataset, args.limit, seed, args.test_limit, overrides, args.gold))
+            rows.append(one(run, args.data, dataset, args.limit, seed, args.test_limit, overrides, args.gold))
             print(json.dumps(rows[-1]), flush=True)
         gain = [100 * (r["final_labels_slm_test"] - r["last_round_slm_test"]) for r in rows]
         out[dataset] = {
