@@ -11,6 +11,8 @@ labels only score; the SLM sees the final labels alone. Run alone: it trains mod
 ``--set KEY=VALUE`` changes the SLM's settings from the run's (e.g. ``mode=linear``), and
 ``--gold`` adds the same SLM trained on the slice's gold labels: the ceiling of its features, a
 measurement beside the run, never an input to it.
+``--data DIR`` reads the data sets from another folder than ``../shared/data`` (a GPU machine,
+where the runs and data travel in the working tree); each row names the device it trained on.
 
     python bench/deployed_slm.py --runs DIR --datasets sst2 mr trec --seeds 0 1 2 --limit 1000 \
         --out bench/results/deployed_slm_chatturn_runs.json
