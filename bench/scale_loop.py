@@ -71,7 +71,10 @@ def rss_mb() -> float:
     they share (the memory-mapped vectors) are counted once per process, so this is an upper bound."""
     pids = ["self"]
     for task in Path("/proc/self/task").iterdir():
-        pids += (task / "children").read_text().split()
+        try:
+            pids += (task / "children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
     total = 0
     for pid in pids:
         try:
