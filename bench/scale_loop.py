@@ -16,12 +16,14 @@ seconds and the peak resident memory sampled every 50 ms; ``base_mb`` is the pro
 before the run starts (interpreter, torch, the encoder's configuration), so what the run itself
 holds is ``peak_mb - base_mb``.
 
-    python bench/scale_loop.py --sizes 10000 100000 1000000 --out bench/results/scale_loop_linear.json
+    python bench/scale_loop.py --sizes 10000 100000 1000000 --summary \
+        --out bench/results/scale_loop_linear.json
 
 ``--rerun`` redoes the sizes given and keeps ``--out``'s runs of the others (a size whose run was
-disturbed, redone alone). Each invocation also puts its stages into
+disturbed, redone alone). With ``--summary`` the invocation also puts its stages into
 ``bench/results/scale_summary.json`` as ``loop <stage>`` (seconds summed over the rounds, peak
-resident MB of the whole process).
+resident MB of the whole process), replacing the entries there: asked for, so that a check at one
+size cannot overwrite the three sizes' record.
 """
 
 from __future__ import annotations
@@ -234,6 +236,9 @@ def main() -> None:
         help="the SLM handed back: the default's logistic regression on layer means, or a head on the "
         "stored sentence vectors (as in the runs recorded before it became the default)",
     )
+    parser.add_argument(
+        "--summary", action="store_true", help="also write the stages into bench/results/scale_summary.json"
+    )
     parser.add_argument("--embed", type=int, help=argparse.SUPPRESS)  # a child: embed N texts
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # a child: N, server URL, scratch
     args = parser.parse_args()
@@ -289,7 +294,8 @@ def main() -> None:
                     "growth_exponent_last_two": growth,
                 }
                 args.out.write_text(json.dumps(payload, indent=1) + "\n")
-                summarise(results)
+                if args.summary:
+                    summarise(results)
     finally:
         server.kill()
 
