@@ -68,21 +68,24 @@ while True:
 """
 
 
+def proc_text(path: Path) -> str:
+    """A ``/proc`` file's text, or ``""`` when its thread or process ended after it was listed (a
+    request thread, a fold worker): the sampler reads while both come and go."""
+    try:
+        return path.read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def rss_mb() -> float:
     """Resident memory of this process and of its children (the SLM's fold workers), in MB; pages
     they share (the memory-mapped vectors) are counted once per process, so this is an upper bound."""
     pids = ["self"]
     for task in Path("/proc/self/task").iterdir():
-        try:
-            pids += (task / "children").read_text().split()
-        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
-            continue
+        pids += proc_text(task / "children").split()
     total = 0
     for pid in pids:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except FileNotFoundError:  # a worker that ended meanwhile
-            continue
+        status = proc_text(Path(f"/proc/{pid}/status"))
         total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
     return total / 1024
 
