@@ -17,6 +17,7 @@ from freeal.tasks import load_task
 CFG = SLMConfig(
     mode="head", backbone="all-minilm-l6-v2", epochs=4, warmup_epochs=1, cross_fit=3, device="cpu"
 )
+ROUNDING = 1e-6  # float32 probabilities near 0.5 are spaced 6e-8 apart: a few steps of rounding
 
 
 @pytest.fixture(autouse=True)
@@ -65,13 +66,15 @@ def test_folds_in_workers_give_the_same_model_and_probabilities_as_one_process(s
     beside = kind.train(items, given, CFG, lambda _: None)
     assert len(commands) == 2  # 3 folds on 3 cores: the main model here, the folds in 2 workers
     assert alone.proba is not None and beside.proba is not None
-    np.testing.assert_array_equal(beside.proba, alone.proba)
-    np.testing.assert_array_equal(beside.model.train_proba_, alone.model.train_proba_)
+    # one torch thread and two sum in another order on some CPUs (seen on a CI machine: 6e-8), so
+    # the probabilities agree to float32 rounding and every decision made from them is the same
+    np.testing.assert_allclose(beside.proba, alone.proba, rtol=0, atol=ROUNDING)
+    np.testing.assert_allclose(beside.model.train_proba_, alone.model.train_proba_, rtol=0, atol=ROUNDING)
     np.testing.assert_array_equal(beside.clean, alone.clean)
     assert beside.predicted == alone.predicted
     again = kind.train(items, given, CFG, lambda _: None)  # the next round: the same workers
     assert len(commands) == 2
-    np.testing.assert_array_equal(again.proba, alone.proba)
+    np.testing.assert_array_equal(again.proba, beside.proba)
 
 
 def test_small_sets_and_views_keep_the_folds_in_this_process(sst2, monkeypatch):
