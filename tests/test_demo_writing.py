@@ -105,6 +105,20 @@ def test_generation_through_an_openai_compatible_server() -> None:
     assert "logprobs" not in body and "top_logprobs" not in body
 
 
+def test_a_served_model_answers_a_rounds_calls_together(tmp_path) -> None:
+    """Each label's call of a round is in flight at the same time, not one after another."""
+    numbers = iter(range(1000))
+
+    def write(users: list[str]) -> str:
+        return f"1. Written text {next(numbers)}.\n2. Written text {next(numbers)}."
+
+    with FakeOpenAIServer(policy=write, latency=0.3) as server:
+        ann = CachedAnnotator(OpenAICompatAnnotator("m", server.url), CallCache(tmp_path / "c.sqlite"))
+        demos, report = generate_demonstrations(TASK, ann, ["a style text"], per_label=4, per_call=2)
+    assert len(demos) == 8 and report.calls == server.requests == 4
+    assert server.max_in_flight == 2  # both labels at once, in each of the two rounds
+
+
 def _unit(rng: np.random.Generator, n: int, d: int = 16) -> np.ndarray:
     v = rng.normal(size=(n, d))
     return v / np.linalg.norm(v, axis=1, keepdims=True)
