@@ -14,7 +14,10 @@ asks. Each size runs in a fresh process (and its embeddings in one before it), s
 memory is left in another's figures. Per step of the run (the ``step ...`` lines of ``say``): wall
 seconds and the peak resident memory sampled every 50 ms; ``base_mb`` is the process's memory
 before the run starts (interpreter, torch, the encoder's configuration), so what the run itself
-holds is ``peak_mb - base_mb``.
+holds is ``peak_mb - base_mb``. With fold workers beside the main process that sum counts the
+pages they share twice, the memory-mapped vectors among them; ``peak_anon_mb`` (and
+``base_anon_mb``) is the anonymous part alone, the memory the processes allocated themselves,
+whatever the vectors take.
 
     python bench/scale_loop.py --sizes 10000 100000 1000000 --summary \
         --out bench/results/scale_loop_linear.json
@@ -77,17 +80,21 @@ def proc_text(path: Path) -> str:
         return ""
 
 
-def rss_mb() -> float:
-    """Resident memory of this process and of its children (the SLM's fold workers), in MB; pages
-    they share (the memory-mapped vectors) are counted once per process, so this is an upper bound."""
+def memory_mb() -> tuple[float, float]:
+    """Resident memory of this process and of its children (the SLM's fold workers), in MB: all of
+    it (``VmRSS``), and the anonymous part (``RssAnon``: what the processes allocated themselves).
+    The first counts pages they share (the memory-mapped vectors, the libraries) once per process,
+    an upper bound; the second leaves out every file-backed page, the vectors among them, and no
+    anonymous page is shared (a worker is a fresh interpreter, not a fork)."""
     pids = ["self"]
     for task in Path("/proc/self/task").iterdir():
         pids += proc_text(task / "children").split()
-    total = 0
+    rss = anon = 0
     for pid in pids:
-        status = proc_text(Path(f"/proc/{pid}/status"))
-        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return total / 1024
+        fields = dict(line.split(":", 1) for line in proc_text(Path(f"/proc/{pid}/status")).splitlines())
+        rss += int(fields.get("VmRSS", "0 kB").split()[0])
+        anon += int(fields.get("RssAnon", "0 kB").split()[0])
+    return rss / 1024, anon / 1024
 
 
 def cpu_seconds(pid: int) -> float:
@@ -146,7 +153,7 @@ def embed(n: int, pooling: str = "sentence") -> float:
 def run(n: int, url: str, scratch: Path, deployed: str) -> dict:
     task = load_task(DATA / "sst2")
     texts = texts_for(n)
-    base = rss_mb()
+    base, base_anon = memory_mb()
     stages: dict[str, dict] = {}
     current = {"name": "start", "t": time.perf_counter()}
     stop = threading.Event()
@@ -163,7 +170,9 @@ def run(n: int, url: str, scratch: Path, deployed: str) -> dict:
     def sample() -> None:
         while not stop.is_set():
             entry = stages.setdefault(current["name"], {"seconds": 0.0, "peak_mb": 0.0})
-            entry["peak_mb"] = max(entry["peak_mb"], rss_mb())
+            rss, anon = memory_mb()
+            entry["peak_mb"] = max(entry["peak_mb"], rss)
+            entry["peak_anon_mb"] = max(entry.get("peak_anon_mb", 0.0), anon)
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -191,6 +200,8 @@ def run(n: int, url: str, scratch: Path, deployed: str) -> dict:
         "rounds": rounds,
         "ms_per_text_per_round": 1000 * total / n / rounds,
         "peak_mb": max(s["peak_mb"] for s in stages.values()),
+        "base_anon_mb": base_anon,
+        "peak_anon_mb": max(s.get("peak_anon_mb", 0.0) for s in stages.values()),
         "llm_requests": runner.report_["totals"]["llm_calls"],
         "stages": stages,
     }
