@@ -139,63 +139,55 @@ def generate_demonstrations(
     one label, each no longer than the longest excerpt (so long texts cost a bounded number of
     tokens). Texts are kept when non-empty, not a (near) copy of a style example (:func:`is_copy`),
     and not a duplicate of a text already kept (compared lower-cased without punctuation, across
-    labels too: a text written for two labels is ambiguous and kept only for the first). Calls go
-    out in rounds, one call for each label still short of its quota, all in one request, so a
-    served model answers them concurrently; rounds continue until every quota is met or
-    ``max_calls_per_label`` (default: twice the calls needed) is spent. A label that ends empty is
-    an error, since the prompts would never show it.
+    labels too: a text written for two labels is ambiguous and kept only for the first). Calls
+    continue until the quota is met or ``max_calls_per_label`` (default: twice the calls needed) is
+    spent; a label that ends empty is an error, since the prompts would never show it.
     """
     if not style_texts:
         raise FreeALError("demonstration writing needs at least one unlabeled text to show as style")
     rng = np.random.default_rng(seed)
-    budget = max_calls_per_label or 2 * math.ceil(per_label / per_call)
-    n_style = min(style_examples, len(style_texts))
-    kept: dict[str, list[str]] = {label: [] for label in task.label_names}
+    needed = math.ceil(per_label / per_call)
+    budget = max_calls_per_label or 2 * needed
+    kept: list[tuple[str, str]] = []
     seen: set[str] = set()
     written = copies = duplicates = calls = 0
-    for attempt in range(budget):
-        short = [label for label in task.label_names if len(kept[label]) < per_label]
-        if not short:
-            break
-        shown = [
-            [excerpt(style_texts[int(i)]) for i in rng.choice(len(style_texts), size=n_style, replace=False)]
-            for _ in short
-        ]
-        # written texts as long as the longest excerpt: about 2 tokens a word, plus the numbering
-        words = [max(len(t.split()) for t in examples) for examples in shown]
-        prompts = [
-            generation_prompt(task, label, examples, per_call, max_words=w)
-            for label, examples, w in zip(short, shown, words, strict=True)
-        ]
-        answers = dict(
-            annotator.generate_many(
-                prompts,
-                max_tokens=max(per_call * min(80, 2 * w + 16) for w in words),
-                temperature=temperature,
-                seed=seed + attempt,
+    for label in task.label_names:
+        mine = 0
+        for attempt in range(budget):
+            if mine >= per_label:
+                break
+            pick = rng.choice(len(style_texts), size=min(style_examples, len(style_texts)), replace=False)
+            shown = [excerpt(style_texts[int(i)]) for i in pick]
+            # written texts as long as the longest excerpt: about 2 tokens a word, plus the numbering
+            words = max(len(t.split()) for t in shown)
+            prompt = generation_prompt(task, label, shown, per_call, max_words=words)
+            budget_tokens = per_call * min(80, 2 * words + 16)
+            _, answer = next(
+                iter(
+                    annotator.generate_many(
+                        [prompt], max_tokens=budget_tokens, temperature=temperature, seed=seed + attempt
+                    )
+                )
             )
-        )
-        calls += len(prompts)
-        for k, label in enumerate(short):  # in label order, whatever order the answers came in
-            shown_norm = [normal_form(t) for t in shown[k]]
-            for text in parse_generated(answers[k].text):
+            calls += 1
+            shown_norm = [normal_form(t) for t in shown]
+            for text in parse_generated(answer.text):
                 written += 1
                 norm = normal_form(text)
                 if is_copy(norm, shown_norm):
                     copies += 1
                 elif norm in seen:
                     duplicates += 1
-                elif len(kept[label]) < per_label:
+                elif mine < per_label:
                     seen.add(norm)
-                    kept[label].append(text)
-    for label, texts in kept.items():
-        if not texts:
+                    kept.append((text, label))
+                    mine += 1
+        if mine == 0:
             raise FreeALError(
                 f"the LLM wrote no usable demonstration for label {label!r} in {budget} calls; "
                 "describe the label more concretely in the task, or use a stronger model"
             )
-    demos = [(text, label) for label, texts in kept.items() for text in texts]
-    return demos, GenerationReport(calls, written, len(demos), copies, duplicates, _per_label(demos, task))
+    return kept, GenerationReport(calls, written, len(kept), copies, duplicates, _per_label(kept, task))
 
 
 def verify_demonstrations(
