@@ -14,8 +14,8 @@ asks. Each size runs in a fresh process (and its embeddings in one before it), s
 memory is left in another's figures. Per step of the run (the ``step ...`` lines of ``say``): wall
 seconds and the peak resident memory sampled every 50 ms; ``base_mb`` is the process's memory
 before the run starts (interpreter, torch, the encoder's configuration), so what the run itself
-holds is ``peak_mb - base_mb``. With fold workers beside the main process that sum counts the
-pages they share twice, the memory-mapped vectors among them; ``peak_anon_mb`` (and
+holds is ``peak_mb - base_mb``. That sum counts a shared page once per mapping of it (at 1M the
+main process mapped the vectors file twice and the fold worker once); ``peak_anon_mb`` (and
 ``base_anon_mb``) is the anonymous part alone, the memory the processes allocated themselves,
 whatever the vectors take.
 
@@ -83,8 +83,8 @@ def proc_text(path: Path) -> str:
 def memory_mb() -> tuple[float, float]:
     """Resident memory of this process and of its children (the SLM's fold workers), in MB: all of
     it (``VmRSS``), and the anonymous part (``RssAnon``: what the processes allocated themselves).
-    The first counts pages they share (the memory-mapped vectors, the libraries) once per process,
-    an upper bound; the second leaves out every file-backed page, the vectors among them, and no
+    The first counts a shared page (the memory-mapped vectors, the libraries) once per mapping of
+    it, an upper bound; the second leaves out every file-backed page, the vectors among them, and no
     anonymous page is shared (a worker is a fresh interpreter, not a fork)."""
     pids = ["self"]
     for task in Path("/proc/self/task").iterdir():
