@@ -158,21 +158,22 @@ def run(n: int, url: str, scratch: Path, deployed: str) -> dict:
     current = {"name": "start", "t": time.perf_counter()}
     stop = threading.Event()
 
+    def stage(name: str) -> dict:
+        return stages.setdefault(name, {"seconds": 0.0, "peak_mb": 0.0, "peak_anon_mb": 0.0})
+
     def say(message: str) -> None:
         if message.startswith("step "):
             now = time.perf_counter()
-            stages.setdefault(current["name"], {"seconds": 0.0, "peak_mb": 0.0})["seconds"] += (
-                now - current["t"]
-            )
+            stage(current["name"])["seconds"] += now - current["t"]
             step = message.removeprefix("step ")
             current.update(name="deployed slm" if step == "final/slm" else step.split("/")[-1], t=now)
 
     def sample() -> None:
         while not stop.is_set():
-            entry = stages.setdefault(current["name"], {"seconds": 0.0, "peak_mb": 0.0})
+            entry = stage(current["name"])
             rss, anon = memory_mb()
             entry["peak_mb"] = max(entry["peak_mb"], rss)
-            entry["peak_anon_mb"] = max(entry.get("peak_anon_mb", 0.0), anon)
+            entry["peak_anon_mb"] = max(entry["peak_anon_mb"], anon)
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -201,7 +202,7 @@ def run(n: int, url: str, scratch: Path, deployed: str) -> dict:
         "ms_per_text_per_round": 1000 * total / n / rounds,
         "peak_mb": max(s["peak_mb"] for s in stages.values()),
         "base_anon_mb": base_anon,
-        "peak_anon_mb": max(s.get("peak_anon_mb", 0.0) for s in stages.values()),
+        "peak_anon_mb": max(s["peak_anon_mb"] for s in stages.values()),
         "llm_requests": runner.report_["totals"]["llm_calls"],
         "stages": stages,
     }
