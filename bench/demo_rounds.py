@@ -5,11 +5,12 @@ request pays every answer's latency in a row. The server here is the loopback on
 (``tests/openai_server.py``), answering each request after ``--latency`` seconds with numbered
 texts that are new each time; the task is TREC's six labels, the style texts its first train
 questions (texts only). ``generate_demonstrations`` writes ``--per-label`` texts per label, fresh
-cache. Run it once with each checkout on ``PYTHONPATH`` (``--tag`` names the result): the rounds
-of commit ``243f9fc`` (tried, reverted: BENCHMARKS.md) against one prompt per request, the code
-of the commits before and after it; what differs is the request pattern, not the texts' quality.
+cache. Run it once with each checkout on ``PYTHONPATH`` (``--tag`` names the result): today's
+rounds (each label drawing its style texts from a stream of its own) against one prompt per
+request, the code before rounds (commit ``aab05ad``; rounds were first tried in ``243f9fc`` and
+reverted, BENCHMARKS.md); what differs is the request pattern, not the texts' quality.
 
-    python bench/demo_rounds.py --tag rounds --out bench/results/demo_rounds.json
+    python bench/demo_rounds.py --tag rounds_own_streams --out bench/results/demo_rounds.json
 """
 
 from __future__ import annotations

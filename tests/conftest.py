@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data in ../shared/data, the small real models, and a scripted LLM."""
+"""Shared fixtures: the real data in ../shared/data, the small real models, and scripted LLMs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from freeal.llm.base import LabelScores
+from freeal.llm.base import Generation, LabelScores
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -32,10 +32,11 @@ def smollm2():
 
 
 class OnePerCall:
-    """A real annotator asked one prompt per call. Batched scoring computes a text in whatever batch
-    it lands in, and llama.cpp's rounding differs a little between batches; a killed run resumes in
-    other batches. Tests that compare a resumed run with an uninterrupted one label by label (on
-    SmolLM2, whose labels are near ties) use this, so that an answer depends on its prompt alone."""
+    """A real annotator asked one prompt per call, each evaluated from its first token. Batched
+    scoring computes a text in whatever batch it lands in, on whatever prefix the cache held, and
+    llama.cpp's rounding differs a little between the two; a killed run resumes in other batches.
+    Tests that compare a resumed run with an uninterrupted one label by label (on SmolLM2, whose
+    labels are near ties) use this, so that an answer depends on its prompt alone."""
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.identity = inner, inner.identity
@@ -43,7 +44,7 @@ class OnePerCall:
 
     def score_many(self, prompts, labels):  # type: ignore[no-untyped-def]
         for i, prompt in enumerate(prompts):
-            yield i, self.inner.score(prompt, labels)
+            yield i, self.inner.score(prompt, labels, fresh=True)
 
     def generate_many(self, prompts, **kw):  # type: ignore[no-untyped-def]
         return self.inner.generate_many(prompts, **kw)
@@ -78,6 +79,33 @@ class ScriptedLLM:
 
     def generate_many(self, prompts, **kw):  # type: ignore[no-untyped-def]
         raise AssertionError("a zero-shot classification run writes no demonstrations")
+
+
+class ScriptedWriter:
+    """A backend that writes free text given in advance, one answer per prompt in the order asked;
+    a request's answers come back last first (a served model's come in any order). It keeps each
+    request's size (``requests``) and each prompt's last message and token budget (``asked``)."""
+
+    identity = "scripted-writer"
+    supports_grammar = False
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = list(answers)
+        self.requests: list[int] = []
+        self.asked: list[tuple[str, int]] = []
+
+    def generate_many(self, prompts, *, max_tokens, temperature, seed):  # type: ignore[no-untyped-def]
+        self.requests.append(len(prompts))
+        self.asked += [(p[-1]["content"], max_tokens) for p in prompts]
+        mine, self.answers = self.answers[: len(prompts)], self.answers[len(prompts) :]
+        for i in reversed(range(len(prompts))):
+            yield i, Generation(mine[i], 10, 10)
+
+
+@pytest.fixture
+def scripted_writer() -> type[ScriptedWriter]:
+    """:class:`ScriptedWriter`, to build with the test's answers."""
+    return ScriptedWriter
 
 
 @pytest.fixture(scope="session")

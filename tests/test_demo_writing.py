@@ -3,8 +3,6 @@ demonstrations (per-item kNN or shared per group), including the tokens that sha
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,6 @@ from freeal.data import read_items
 from freeal.demos import STYLE_WORDS, demonstration_groups, excerpt, generate_demonstrations, parse_generated
 from freeal.embed import Embedder
 from freeal.errors import FreeALError
-from freeal.llm.base import Generation, Message
 from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.llm.openai_compat import OpenAICompatAnnotator
 from freeal.tasks import load_task, task_from_dict
@@ -24,38 +21,24 @@ TASK = task_from_dict(
 )
 
 
-class Scripted:
-    """A backend whose free-text answers are given in advance, one per call (for the filters)."""
-
-    identity = "scripted"
-
-    def __init__(self, answers: list[str]) -> None:
-        self.answers = answers
-
-    def generate_many(
-        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
-    ) -> Iterator[tuple[int, Generation]]:
-        for i, _ in enumerate(prompts):
-            yield i, Generation(self.answers.pop(0), 10, 10)
-
-
 def test_parse_generated_reads_numbered_and_bulleted_lists() -> None:
     answer = 'Here you go:\n1. "A fine film."\n2) Dull and long.\n- Bulleted one\n\nThanks!\n3.   \n'
     assert parse_generated(answer) == ["A fine film.", "Dull and long.", "Bulleted one"]
 
 
-def test_generated_copies_duplicates_and_cross_label_repeats_are_dropped(tmp_path) -> None:
+def test_generated_copies_duplicates_and_cross_label_repeats_are_dropped(tmp_path, scripted_writer) -> None:
     style = ["the movie was a total waste of my evening", "simply a joy from start to finish"]
     answers = [
-        # good, call 1: a near copy of a style text (one word changed), a keeper, a duplicate of it
+        # round 1, good: a near copy of a style text (one word changed), a keeper, a duplicate of it
         "1. The movie was a total waste of my night\n2. Wonderful acting.\n3. wonderful acting!",
-        # good, call 2
+        # round 1, bad: one repeats the text just kept for 'good'
+        "1. Wonderful acting.\n2. Boring.",
+        # round 2, good and bad
         "1. A triumph.\n2. Moving and funny.",
-        # bad, call 1: one repeats a text already kept for 'good'
-        "1. A triumph.\n2. Boring.",
         "1. Awful script.\n2. Painful to sit through.",
     ]
-    ann = CachedAnnotator(Scripted(answers), CallCache(tmp_path / "c.sqlite"))
+    backend = scripted_writer(answers)
+    ann = CachedAnnotator(backend, CallCache(tmp_path / "c.sqlite"))
     demos, report = generate_demonstrations(TASK, ann, style, per_label=3, per_call=2, seed=1)
     assert [d for d in demos if d[1] == "good"] == [
         ("Wonderful acting.", "good"),
@@ -68,6 +51,36 @@ def test_generated_copies_duplicates_and_cross_label_repeats_are_dropped(tmp_pat
         ("Painful to sit through.", "bad"),
     ]
     assert report.dropped_copies == 1 and report.dropped_duplicates == 2 and report.calls == 4
+    assert backend.requests == [2, 2]  # each round's calls, one per label, go out together
+
+
+def test_a_label_that_met_its_quota_is_not_asked_again(tmp_path, scripted_writer) -> None:
+    answers = ["1. Great.\n2. Superb.", "1. Bad.", "1. Poor."]
+    backend = scripted_writer(answers)
+    ann = CachedAnnotator(backend, CallCache(tmp_path / "c.sqlite"))
+    demos, report = generate_demonstrations(TASK, ann, ["some text"], per_label=2, per_call=2, seed=0)
+    assert backend.requests == [2, 1] and report.calls == 3
+    assert demos == [("Great.", "good"), ("Superb.", "good"), ("Bad.", "bad"), ("Poor.", "bad")]
+
+
+def test_what_a_label_is_asked_does_not_depend_on_the_other_labels_calls(tmp_path, scripted_writer) -> None:
+    """A label's calls show the same style texts under the same token budget whether the other label
+    was done after one round or still asked: each label draws from a stream of its own, so the
+    order calls go out in (and the answers cached by earlier runs) does not change what is asked."""
+    style = [" ".join(["word"] * n) + f" number {n}." for n in range(3, 30, 2)]
+    asked = {}
+    for good_rounds in (1, 3):
+        answers = []
+        for r in range(3):  # good writes its 3 texts in `good_rounds` rounds, bad one per round
+            if r < good_rounds:
+                answers.append("\n".join(f"{k + 1}. Good {r} {k}." for k in range(3 // good_rounds)))
+            answers.append(f"1. Bad {r}.")
+        backend = scripted_writer(answers)
+        ann = CachedAnnotator(backend, CallCache(tmp_path / f"c{good_rounds}.sqlite"))
+        generate_demonstrations(TASK, ann, style, per_label=3, per_call=2, seed=4)
+        asked[good_rounds] = [(c, t) for c, t in backend.asked if 'Label "bad"' in c]
+    assert len(asked[1]) == len(asked[3]) == 3 and asked[1] == asked[3]
+    assert len({c for c, _ in asked[1]}) == 3  # three different draws, not one repeated
 
 
 def test_an_excerpt_keeps_the_first_sentence_or_two_within_the_word_budget() -> None:
@@ -77,24 +90,12 @@ def test_an_excerpt_keeps_the_first_sentence_or_two_within_the_word_budget() -> 
     assert excerpt("One sentence of five words.", words=3) == "One sentence of …"
 
 
-class Recording(Scripted):
-    """Scripted, and keeps what each call asked: its prompt and its token budget."""
-
-    def __init__(self, answers: list[str]) -> None:
-        super().__init__(answers)
-        self.asked: list[tuple[str, int]] = []
-
-    def generate_many(self, prompts, *, max_tokens, temperature, seed):  # type: ignore[no-untyped-def]
-        self.asked += [(p[-1]["content"], max_tokens) for p in prompts]
-        yield from super().generate_many(prompts, max_tokens=max_tokens, temperature=temperature, seed=seed)
-
-
-def test_long_style_texts_are_cut_and_bound_what_the_llm_may_write(tmp_path) -> None:
+def test_long_style_texts_are_cut_and_bound_what_the_llm_may_write(tmp_path, scripted_writer) -> None:
     """An abstract shown as style would make the LLM write abstracts: the prompt shows its first
     sentences only, asks for texts as short, and the token budget follows (issue 13)."""
     sentence = "Patients treated with the drug showed marked improvement over twelve weeks of care."
     abstract = " ".join([sentence] * 12)  # ~160 words
-    backend = Recording(["1. Fine.\n2. Good.", "1. Bad.\n2. Poor."])
+    backend = scripted_writer(["1. Fine.\n2. Good.", "1. Bad.\n2. Poor."])
     ann = CachedAnnotator(backend, CallCache(tmp_path / "c.sqlite"))
     generate_demonstrations(TASK, ann, [abstract], per_label=2, per_call=2, seed=0)
     for content, max_tokens in backend.asked:
@@ -103,9 +104,9 @@ def test_long_style_texts_are_cut_and_bound_what_the_llm_may_write(tmp_path) -> 
         assert max_tokens == 2 * (2 * 26 + 16)
 
 
-def test_a_label_without_any_usable_demonstration_is_an_error(tmp_path) -> None:
+def test_a_label_without_any_usable_demonstration_is_an_error(tmp_path, scripted_writer) -> None:
     answers = ["1. Great.", "Sorry, I cannot do that.", "No."]
-    ann = CachedAnnotator(Scripted(answers), CallCache(tmp_path / "c.sqlite"))
+    ann = CachedAnnotator(scripted_writer(answers), CallCache(tmp_path / "c.sqlite"))
     with pytest.raises(FreeALError, match="'bad'"):
         generate_demonstrations(TASK, ann, ["some text"], per_label=1, per_call=1)
 
@@ -122,6 +123,20 @@ def test_generation_through_an_openai_compatible_server() -> None:
     body = server.bodies[0]
     assert body["max_tokens"] == 50 and body["temperature"] == 0.7 and body["seed"] == 3
     assert "logprobs" not in body and "top_logprobs" not in body
+
+
+def test_a_served_model_answers_a_rounds_calls_together(tmp_path) -> None:
+    """Each label's call of a round is in flight at the same time, not one after another."""
+    numbers = iter(range(1000))
+
+    def write(users: list[str]) -> str:
+        return f"1. Written text {next(numbers)}.\n2. Written text {next(numbers)}."
+
+    with FakeOpenAIServer(policy=write, latency=0.3) as server:
+        ann = CachedAnnotator(OpenAICompatAnnotator("m", server.url), CallCache(tmp_path / "c.sqlite"))
+        demos, report = generate_demonstrations(TASK, ann, ["a style text"], per_label=4, per_call=2)
+    assert len(demos) == 8 and report.calls == server.requests == 4
+    assert server.max_in_flight == 2  # both labels at once, in each of the two rounds
 
 
 def _unit(rng: np.random.Generator, n: int, d: int = 16) -> np.ndarray:

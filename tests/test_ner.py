@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,6 @@ from freeal.config import LoopConfig, SLMConfig
 from freeal.data import read_jsonl, read_sentences
 from freeal.errors import FreeALError
 from freeal.kinds.ner import NER, merge_spans
-from freeal.llm.base import Generation, Message
 from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.llm.openai_compat import OpenAICompatAnnotator
 from freeal.loop import FreeAL
@@ -190,41 +188,31 @@ def test_json_answers_get_one_reask_then_are_dropped(tmp_path):
     assert out.reasked == 2 and out.unreadable == 1 and out.unaligned == 1  # "gout" is not there
 
 
-class Scripted:
-    identity = "scripted"
-    supports_grammar = False
-
-    def __init__(self, answers: list[str]) -> None:
-        self.answers = answers
-
-    def generate_many(
-        self, prompts: Sequence[list[Message]], *, max_tokens: int, temperature: float, seed: int
-    ) -> Iterator[tuple[int, Generation]]:
-        for i, _ in enumerate(prompts):
-            yield i, Generation(self.answers.pop(0), 10, 10)
-
-
-def test_written_demonstrations_keep_only_readable_aligned_new_sentences(tmp_path):
+def test_written_demonstrations_keep_only_readable_aligned_new_sentences(tmp_path, scripted_writer):
     answers = [
         "Sentence: Aspirin eased the gout.\nChemical: Aspirin\nDisease: gout\nEND\n"
         "Sentence: Heparin was given.\nChemical: warfarin\nEND\n"  # mention not in the sentence
         "Sentence: Pain was reported.\nSymptom: pain\nEND\n",  # unknown type
+        # round 1, Disease
+        "Sentence: Fever and rash followed.\nDisease: Fever\nDisease: rash\nEND\n",
+        # round 2: Chemical only, Disease has its two mentions
         "Sentence: aspirin eased the gout .\nChemical: aspirin\nEND\n"  # duplicate
         "Sentence: Cisplatin caused nephrotoxicity.\nChemical: Cisplatin\nEND\n",
-        "Sentence: Fever and rash followed.\nDisease: Fever\nDisease: rash\nEND\n",
     ]
-    ann = CachedAnnotator(Scripted(answers), CallCache(tmp_path / "c.sqlite"))
+    backend = scripted_writer(answers)
+    ann = CachedAnnotator(backend, CallCache(tmp_path / "c.sqlite"))
     demos, report = generate_ner_demonstrations(
         TASK, ann, [["An", "example", "."]], per_type=2, per_call=2, max_calls_per_type=2
     )
     assert [" ".join(t) for t, _ in demos] == [
         "Aspirin eased the gout .",
-        "Cisplatin caused nephrotoxicity .",
         "Fever and rash followed .",
+        "Cisplatin caused nephrotoxicity .",
     ]
-    assert demos[2][1] == [("Disease", 0, 1), ("Disease", 2, 3)]
+    assert demos[1][1] == [("Disease", 0, 1), ("Disease", 2, 3)]
     assert report.unaligned == 1 and report.unreadable == 1 and report.duplicates == 1
     assert report.per_type == {"Chemical": 2, "Disease": 2} and report.calls == 3
+    assert backend.requests == [2, 1]  # a round's calls, one per type still short, go out together
     assert parse_demo_blocks("no blocks at all", TYPES) == ([], 0, 0)
 
 

@@ -108,6 +108,20 @@ def parse_generated(answer: str) -> list[str]:
     return texts
 
 
+def style_draws(
+    names: Sequence[str], n_texts: int, per_call: int, calls: int, seed: int
+) -> dict[str, list[np.ndarray]]:
+    """For each label (or entity type), the style texts each of its ``calls`` calls shows: ``per_call``
+    distinct indices below ``n_texts`` per call, from a random stream of the label's own (its place
+    in ``names`` and ``seed``), so a call's texts are the same whichever calls go out before it."""
+    size = min(per_call, n_texts)
+    draws = {}
+    for place, name in enumerate(names):
+        rng = np.random.default_rng([seed, place])
+        draws[name] = [rng.choice(n_texts, size=size, replace=False) for _ in range(calls)]
+    return draws
+
+
 @dataclass
 class GenerationReport:
     """What demonstration writing cost and how much of it was kept."""
@@ -139,55 +153,64 @@ def generate_demonstrations(
     one label, each no longer than the longest excerpt (so long texts cost a bounded number of
     tokens). Texts are kept when non-empty, not a (near) copy of a style example (:func:`is_copy`),
     and not a duplicate of a text already kept (compared lower-cased without punctuation, across
-    labels too: a text written for two labels is ambiguous and kept only for the first). Calls
-    continue until the quota is met or ``max_calls_per_label`` (default: twice the calls needed) is
-    spent; a label that ends empty is an error, since the prompts would never show it.
+    labels too: a text written for two labels is ambiguous and kept only for the first). Calls go
+    out in rounds, one call for each label still short of its quota, all in one request, so a
+    served model answers them concurrently; rounds continue until every quota is met or
+    ``max_calls_per_label`` (default: twice the calls needed) is spent. A label that ends empty is
+    an error, since the prompts would never show it.
+
+    What a call asks does not depend on the order calls go out in, nor on which labels are still
+    short: each label draws its style texts from a random stream of its own, and a round's token
+    budget follows the longest excerpt drawn for that round by every label, asked or not.
     """
     if not style_texts:
         raise FreeALError("demonstration writing needs at least one unlabeled text to show as style")
-    rng = np.random.default_rng(seed)
-    needed = math.ceil(per_label / per_call)
-    budget = max_calls_per_label or 2 * needed
-    kept: list[tuple[str, str]] = []
+    budget = max_calls_per_label or 2 * math.ceil(per_label / per_call)
+    draws = style_draws(task.label_names, len(style_texts), style_examples, budget, seed)
+    kept: dict[str, list[str]] = {label: [] for label in task.label_names}
     seen: set[str] = set()
     written = copies = duplicates = calls = 0
-    for label in task.label_names:
-        mine = 0
-        for attempt in range(budget):
-            if mine >= per_label:
-                break
-            pick = rng.choice(len(style_texts), size=min(style_examples, len(style_texts)), replace=False)
-            shown = [excerpt(style_texts[int(i)]) for i in pick]
-            # written texts as long as the longest excerpt: about 2 tokens a word, plus the numbering
-            words = max(len(t.split()) for t in shown)
-            prompt = generation_prompt(task, label, shown, per_call, max_words=words)
-            budget_tokens = per_call * min(80, 2 * words + 16)
-            _, answer = next(
-                iter(
-                    annotator.generate_many(
-                        [prompt], max_tokens=budget_tokens, temperature=temperature, seed=seed + attempt
-                    )
-                )
+    for attempt in range(budget):
+        short = [label for label in task.label_names if len(kept[label]) < per_label]
+        if not short:
+            break
+        shown = {
+            label: [excerpt(style_texts[int(i)]) for i in draws[label][attempt]] for label in task.label_names
+        }
+        # written texts as long as the longest excerpt: about 2 tokens a word, plus the numbering
+        words = {label: max(len(t.split()) for t in examples) for label, examples in shown.items()}
+        prompts = [
+            generation_prompt(task, label, shown[label], per_call, max_words=words[label]) for label in short
+        ]
+        answers = dict(
+            annotator.generate_many(
+                prompts,
+                max_tokens=per_call * min(80, 2 * max(words.values()) + 16),
+                temperature=temperature,
+                seed=seed + attempt,
             )
-            calls += 1
-            shown_norm = [normal_form(t) for t in shown]
-            for text in parse_generated(answer.text):
+        )
+        calls += len(prompts)
+        for k, label in enumerate(short):  # in label order, whatever order the answers came in
+            shown_norm = [normal_form(t) for t in shown[label]]
+            for text in parse_generated(answers[k].text):
                 written += 1
                 norm = normal_form(text)
                 if is_copy(norm, shown_norm):
                     copies += 1
                 elif norm in seen:
                     duplicates += 1
-                elif mine < per_label:
+                elif len(kept[label]) < per_label:
                     seen.add(norm)
-                    kept.append((text, label))
-                    mine += 1
-        if mine == 0:
+                    kept[label].append(text)
+    for label, texts in kept.items():
+        if not texts:
             raise FreeALError(
                 f"the LLM wrote no usable demonstration for label {label!r} in {budget} calls; "
                 "describe the label more concretely in the task, or use a stronger model"
             )
-    return kept, GenerationReport(calls, written, len(kept), copies, duplicates, _per_label(kept, task))
+    demos = [(text, label) for label, texts in kept.items() for text in texts]
+    return demos, GenerationReport(calls, written, len(demos), copies, duplicates, _per_label(demos, task))
 
 
 def verify_demonstrations(

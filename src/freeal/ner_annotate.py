@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from freeal.demos import is_copy, normal_form
+from freeal.demos import is_copy, normal_form, style_draws
 from freeal.errors import FreeALError
 from freeal.llm.base import Generation, Message
 from freeal.llm.cache import CachedAnnotator
@@ -199,44 +199,45 @@ def generate_ner_demonstrations(
     """Sentences with entities, written by the LLM: about ``per_type`` mentioning each type.
 
     Each call shows ``style_examples`` unlabeled sentences and asks for ``per_call`` sentences
-    mentioning one type; a kept sentence counts for every type it mentions. A type that ends with
-    no sentence is an error (the initial round would never show it).
+    mentioning one type; a kept sentence counts for every type it mentions. Calls go out in rounds,
+    one for each type still short, all in one request (a served model answers them concurrently);
+    each type draws its style sentences from a stream of its own (:func:`freeal.demos.style_draws`),
+    so what a call asks does not depend on the order calls go out in. A type that ends with no
+    sentence is an error (the initial round would never show it).
     """
     if not style_sentences:
         raise FreeALError("demonstration writing needs at least one unlabeled sentence to show as style")
-    rng = np.random.default_rng(seed)
     budget = max_calls_per_type or 2 * math.ceil(per_type / per_call)
+    draws = style_draws(task.label_names, len(style_sentences), style_examples, budget, seed)
     report = DemoReport(per_type=dict.fromkeys(task.label_names, 0))
     kept: list[Demo] = []
     seen: set[str] = set()
-    for kind in task.label_names:
-        for attempt in range(budget):
-            if report.per_type[kind] >= per_type:
-                break
-            pick = rng.choice(
-                len(style_sentences), size=min(style_examples, len(style_sentences)), replace=False
+    for attempt in range(budget):
+        short = [kind for kind in task.label_names if report.per_type[kind] < per_type]
+        if not short:
+            break
+        shown = [[render(style_sentences[int(i)]) for i in draws[kind][attempt]] for kind in short]
+        prompts = [
+            ner_generation_prompt(task, kind, examples, per_call)
+            for kind, examples in zip(short, shown, strict=True)
+        ]
+        grammar = demo_grammar(task.label_names, per_call)
+        answers = dict(
+            annotator.generate_many(
+                prompts,
+                max_tokens=100 * per_call,
+                temperature=temperature,
+                seed=seed + attempt,
+                grammars=[grammar] * len(prompts) if annotator.supports_grammar else None,
             )
-            shown = [render(style_sentences[int(i)]) for i in pick]
-            prompt = ner_generation_prompt(task, kind, shown, per_call)
-            _, answer = next(
-                iter(
-                    annotator.generate_many(
-                        [prompt],
-                        max_tokens=100 * per_call,
-                        temperature=temperature,
-                        seed=seed + attempt,
-                        grammars=[demo_grammar(task.label_names, per_call)]
-                        if annotator.supports_grammar
-                        else None,
-                    )
-                )
-            )
-            report.calls += 1
-            demos, unreadable, unaligned = parse_demo_blocks(answer.text, task.label_names)
+        )
+        report.calls += len(prompts)
+        for j in range(len(short)):  # in type order, whatever order the answers came in
+            demos, unreadable, unaligned = parse_demo_blocks(answers[j].text, task.label_names)
             report.written += len(demos) + unreadable + unaligned
             report.unreadable += unreadable
             report.unaligned += unaligned
-            shown_norm = [normal_form(t) for t in shown]
+            shown_norm = [normal_form(t) for t in shown[j]]
             for tokens, spans in demos:
                 norm = normal_form(render(tokens))
                 if is_copy(norm, shown_norm):
@@ -248,7 +249,8 @@ def generate_ner_demonstrations(
                     kept.append((tokens, spans))
                     for present in {k for k, _, _ in spans}:
                         report.per_type[present] += 1
-        if report.per_type[kind] == 0:
+    for kind, count in report.per_type.items():
+        if count == 0:
             raise FreeALError(
                 f"the LLM wrote no usable demonstration sentence for entity type {kind!r} in {budget} "
                 "calls; describe the type more concretely in the task, or use a stronger model"
