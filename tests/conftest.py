@@ -32,11 +32,12 @@ def smollm2():
 
 
 class OnePerCall:
-    """A real annotator asked one prompt per call, each evaluated from its first token. Batched
-    scoring computes a text in whatever batch it lands in, on whatever prefix the cache held, and
-    llama.cpp's rounding differs a little between the two; a killed run resumes in other batches.
-    Tests that compare a resumed run with an uninterrupted one label by label (on SmolLM2, whose
-    labels are near ties) use this, so that an answer depends on its prompt alone."""
+    """A real annotator asked one prompt per call. Batched scoring computes a text in whatever batch
+    it lands in, and llama.cpp's rounding differs a little between batches; a killed run resumes in
+    other batches. Tests that compare a resumed run with an uninterrupted one label by label (on
+    SmolLM2, whose labels are near ties) use this, so that an answer does not depend on which texts
+    share its batch. It still depends, within that rounding, on how much of its prefix the model's
+    cache held from the prompt before (a one-token tail runs other kernels than a longer one)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.identity = inner, inner.identity
@@ -44,7 +45,7 @@ class OnePerCall:
 
     def score_many(self, prompts, labels):  # type: ignore[no-untyped-def]
         for i, prompt in enumerate(prompts):
-            yield i, self.inner.score(prompt, labels, fresh=True)
+            yield i, self.inner.score(prompt, labels)
 
     def generate_many(self, prompts, **kw):  # type: ignore[no-untyped-def]
         return self.inner.generate_many(prompts, **kw)

@@ -24,6 +24,10 @@ TASK = task_from_dict(
 def test_parse_generated_reads_numbered_and_bulleted_lists() -> None:
     answer = 'Here you go:\n1. "A fine film."\n2) Dull and long.\n- Bulleted one\n\nThanks!\n3.   \n'
     assert parse_generated(answer) == ["A fine film.", "Dull and long.", "Bulleted one"]
+    # one unnumbered line is one text; unnumbered prose over several lines is not
+    assert parse_generated('  "What can you get for a dollar?"\n') == ["What can you get for a dollar?"]
+    assert parse_generated("A user wrote the following text:\n\nI am going to the movies.") == []
+    assert parse_generated("Sorry, I cannot do that.\n1.   \n") == []
 
 
 def test_generated_copies_duplicates_and_cross_label_repeats_are_dropped(tmp_path, scripted_writer) -> None:
@@ -105,7 +109,7 @@ def test_long_style_texts_are_cut_and_bound_what_the_llm_may_write(tmp_path, scr
 
 
 def test_a_label_without_any_usable_demonstration_is_an_error(tmp_path, scripted_writer) -> None:
-    answers = ["1. Great.", "Sorry, I cannot do that.", "No."]
+    answers = ["1. Great.", "Sorry, I cannot do that.\nI only write positive texts.", ""]
     ann = CachedAnnotator(scripted_writer(answers), CallCache(tmp_path / "c.sqlite"))
     with pytest.raises(FreeALError, match="'bad'"):
         generate_demonstrations(TASK, ann, ["some text"], per_label=1, per_call=1)

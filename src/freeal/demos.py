@@ -96,16 +96,22 @@ def excerpt(text: str, words: int = STYLE_WORDS) -> str:
     return " ".join(tokens[:words]) + (" …" if len(tokens) > words else "")
 
 
+def _unquoted(text: str) -> str:
+    return text.strip().strip('"').strip("“”").strip()
+
+
 def parse_generated(answer: str) -> list[str]:
-    """The texts of a numbered (or bulleted) list, unquoted; lines that are not list entries dropped."""
-    texts = []
-    for line in answer.splitlines():
-        match = _NUMBERED.match(line)
-        if match:
-            text = match.group(1).strip().strip('"').strip("“”").strip()
-            if text:
-                texts.append(text)
-    return texts
+    """The texts of a numbered (or bulleted) list, unquoted; lines that are not list entries dropped.
+
+    An answer without any list entry that is a single line is read as one text: a small model often
+    writes one text and no number (SmolLM2-135M, asked for TREC questions, answered "What can you
+    get for your 13th dollar?"). Prose over several lines is a preamble or a story, and is dropped.
+    """
+    texts = [_unquoted(m.group(1)) for m in map(_NUMBERED.match, answer.splitlines()) if m]
+    lines = [line for line in answer.splitlines() if line.strip()]
+    if not texts and len(lines) == 1:
+        texts = [_unquoted(lines[0])]
+    return [t for t in texts if t]
 
 
 def style_draws(

@@ -104,13 +104,7 @@ class LlamaCppAnnotator:
             self._label_tokens[label] = self.llm.tokenize(label.encode("utf-8"), add_bos=False, special=False)
         return self._label_tokens[label]
 
-    def score(self, messages: list[Message], labels: Sequence[str], *, fresh: bool = False) -> LabelScores:
-        """One prompt's label scores. ``fresh``: evaluated from its first token, so that the answer
-        depends on the prompt alone; otherwise the prefix the cache holds from earlier prompts is
-        reused, which changes the scores within llama.cpp's rounding (on SmolLM2-135M up to a few
-        tenths of a nat: a short tail runs other kernels than a long one)."""
-        if fresh and self._scorer is not None:
-            self._scorer.forget()
+    def score(self, messages: list[Message], labels: Sequence[str]) -> LabelScores:
         return next(self.score_many([messages], labels))[1]
 
     def score_many(
@@ -367,14 +361,9 @@ class SharedPrefixScorer:
         try:
             return self._decode_chunk(prompts, chunk, targets)
         except BaseException:
-            self.forget()
-            raise
-
-    def forget(self) -> None:
-        """Drop every sequence's cached tokens: the next prompt is evaluated from its first token."""
-        if self.ctx is not None:
             llama_cpp.llama_memory_clear(self.memory, True)
             self.held, self.synced = [], {0}
+            raise
 
     def _decode_chunk(
         self, prompts: Sequence[list[int]], chunk: list[int], targets: Sequence[list[int]]
