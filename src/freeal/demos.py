@@ -115,12 +115,12 @@ def parse_generated(answer: str) -> list[str]:
 
 
 def style_draws(
-    names: Sequence[str], n_texts: int, per_call: int, calls: int, seed: int
+    names: Sequence[str], n_texts: int, shown: int, calls: int, seed: int
 ) -> dict[str, list[np.ndarray]]:
-    """For each label (or entity type), the style texts each of its ``calls`` calls shows: ``per_call``
+    """For each label (or entity type), the style texts each of its ``calls`` calls shows: ``shown``
     distinct indices below ``n_texts`` per call, from a random stream of the label's own (its place
     in ``names`` and ``seed``), so a call's texts are the same whichever calls go out before it."""
-    size = min(per_call, n_texts)
+    size = min(shown, n_texts)
     draws = {}
     for place, name in enumerate(names):
         rng = np.random.default_rng([seed, place])
