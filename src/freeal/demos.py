@@ -107,8 +107,8 @@ def parse_generated(answer: str) -> list[str]:
     writes one text and no number (SmolLM2-135M, asked for TREC questions, answered "What can you
     get for your 13th dollar?"). Prose over several lines is a preamble or a story, and is dropped.
     """
-    texts = [_unquoted(m.group(1)) for m in map(_NUMBERED.match, answer.splitlines()) if m]
     lines = [line for line in answer.splitlines() if line.strip()]
+    texts = [_unquoted(m.group(1)) for m in map(_NUMBERED.match, lines) if m]
     if not texts and len(lines) == 1:
         texts = [_unquoted(lines[0])]
     return [t for t in texts if t]
