@@ -87,6 +87,51 @@ def test_what_a_label_is_asked_does_not_depend_on_the_other_labels_calls(tmp_pat
     assert len({c for c, _ in asked[1]}) == 3  # three different draws, not one repeated
 
 
+class Judge:
+    """A check that labels a text as intended unless it holds "meh", and gives every text the score
+    set for it (default 0.5); it keeps the texts it was asked about, call by call."""
+
+    def __init__(self, scores: dict[str, float] | None = None) -> None:
+        self.scores = scores or {}
+        self.seen: list[list[str]] = []
+
+    def __call__(self, demos):  # type: ignore[no-untyped-def]
+        self.seen.append([t for t, _ in demos])
+        return [("meh" not in t.lower(), self.scores.get(t, 0.5)) for t, _ in demos]
+
+
+def test_a_checked_label_is_written_until_texts_labeled_as_intended_fill_its_quota(
+    tmp_path, scripted_writer
+) -> None:
+    """Only texts the check accepts count: a label whose texts it rejects is asked again, for the
+    missing count only, and one whose quota is met is not (issue 13: stop once verified texts
+    suffice)."""
+    answers = ["1. Great.\n2. Meh, fine I guess.", "1. Bad.\n2. Poor.", "1. Superb."]
+    backend = scripted_writer(answers)
+    judge = Judge()
+    ann = CachedAnnotator(backend, CallCache(tmp_path / "c.sqlite"))
+    demos, report = generate_demonstrations(TASK, ann, ["some text"], per_label=2, per_call=2, check=judge)
+    assert backend.requests == [2, 1]
+    assert "Write 1 new" in backend.asked[2][0] and 'Label "good"' in backend.asked[2][0]
+    assert demos == [("Great.", "good"), ("Superb.", "good"), ("Bad.", "bad"), ("Poor.", "bad")]
+    assert (report.candidates, report.kept, report.verified, report.rejected) == (5, 4, 4, 1)
+    # every candidate so far, each round: auto calibration is decided over all of them together
+    assert judge.seen == [["Great.", "Meh, fine I guess.", "Bad.", "Poor."], [*judge.seen[0], "Superb."]]
+
+
+def test_a_label_the_check_rejects_keeps_its_best_scored_texts_to_appear_at_all(
+    tmp_path, scripted_writer
+) -> None:
+    answers = ["1. Great.\n2. Superb.", "1. Meh one.\n2. Meh two.", "1. Meh three.\n2. Meh four."]
+    judge = Judge({"Meh one.": 0.1, "Meh two.": 0.2, "Meh three.": 0.4, "Meh four.": 0.3})
+    ann = CachedAnnotator(scripted_writer(answers), CallCache(tmp_path / "c.sqlite"))
+    demos, report = generate_demonstrations(
+        TASK, ann, ["some text"], per_label=2, per_call=2, max_calls_per_label=2, check=judge, min_per_label=2
+    )
+    assert [t for t, label in demos if label == "bad"] == ["Meh three.", "Meh four."]
+    assert (report.calls, report.kept, report.verified, report.rejected) == (3, 4, 2, 4)
+
+
 def test_an_excerpt_keeps_the_first_sentence_or_two_within_the_word_budget() -> None:
     assert excerpt("Short one. Another short one. A third.") == "Short one. Another short one."
     long_first = " ".join(["word"] * 60) + ". Next."

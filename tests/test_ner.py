@@ -216,6 +216,31 @@ def test_written_demonstrations_keep_only_readable_aligned_new_sentences(tmp_pat
     assert parse_demo_blocks("no blocks at all", TYPES) == ([], 0, 0)
 
 
+def test_a_type_the_check_finds_in_written_sentences_is_asked_less(tmp_path, scripted_writer):
+    """A writer asked for Chemical lists only chemicals; the zero-shot check finds the disease its
+    sentence also mentions, and the sentence counts for Disease, which is then not asked again."""
+    answers = [
+        "Sentence: Aspirin eased the gout.\nChemical: Aspirin\nEND\n"
+        "Sentence: Heparin was given.\nChemical: Heparin\nEND\n",
+        "Sentence: Fever followed.\nDisease: Fever\nEND\n",
+    ]
+    backend = scripted_writer(answers)
+    checked: list[list[str]] = []
+
+    def check(demos):  # type: ignore[no-untyped-def]
+        checked.append([" ".join(t) for t, _ in demos])
+        return [[*s, ("Disease", 3, 4)] if t[:1] == ["Aspirin"] else list(s) for t, s in demos]
+
+    ann = CachedAnnotator(backend, CallCache(tmp_path / "c.sqlite"))
+    demos, report = generate_ner_demonstrations(
+        TASK, ann, [["An", "example", "."]], per_type=2, per_call=2, check=check
+    )
+    assert backend.requests == [2] and report.calls == 2
+    assert demos[0] == (["Aspirin", "eased", "the", "gout", "."], [("Chemical", 0, 1), ("Disease", 3, 4)])
+    assert report.per_type == {"Chemical": 2, "Disease": 2} and report.spans_added_by_check == 1
+    assert len(checked) == 1 and len(checked[0]) == 3
+
+
 def test_tagger_refuses_tags_that_do_not_fit_their_sentence():
     cfg = SLMConfig(epochs=1, warmup_epochs=1, device="cpu")
     with pytest.raises(FreeALError, match="sentence 1: 2 tokens but 1 tags"):

@@ -214,7 +214,9 @@ class LoopConfig(BaseModel):
     1,000 texts), MR, TREC and the README's demo, and lowered BC5CDR F1 on one of two slices by
     8.7 points (BENCHMARKS.md); ``generated`` is the paper's start (its preset in ``bench/``).
     ``max_calls_per_label``: calls allowed to fill a label's quota (default: twice the calls needed).
-    ``verify_demos``: keep only written demonstrations that the LLM labels, zero-shot, as intended.
+    ``verify_demos``: check written demonstrations as they are written: keep only those the LLM
+    labels, zero-shot, as intended (NER: add the entities it finds zero-shot), and write until those
+    fill the quota.
     ``zero_shot_baseline``: also label everything zero-shot, for comparison only (one extra pass).
     ``refine``: which items refinery asks again: ``noisy`` (the paper: those the SLM's loss split
     calls noisy) or ``disagree`` (those whose SLM prediction, held out when cross-fitted, differs

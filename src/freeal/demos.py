@@ -1,7 +1,7 @@
 """Demonstrations: written by the LLM for the initial round, and who sees which.
 
 Initial round: the LLM writes demonstrations for each label itself (:func:`generate_demonstrations`)
-and checks them (:func:`verify_demonstrations`). Refinery rounds show the feedback step's pool
+and checks them as it goes (:func:`zero_shot_check`). Refinery rounds show the feedback step's pool
 (:mod:`freeal.feedback`). Either way each item to label gets its nearest demonstrations by cosine
 similarity, balanced across classes so the LLM sees every label in context, and items are grouped
 so that a group shares its demonstrations (:func:`demonstration_groups`).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
@@ -128,16 +128,53 @@ def style_draws(
     return draws
 
 
+#: a check of written demonstrations: for each ``(text, label written for)``, whether the LLM, asked
+#: zero-shot, gives that label, and its probability of it (:func:`zero_shot_check`)
+Check = Callable[[Sequence[tuple[str, str]]], list[tuple[bool, float]]]
+
+
 @dataclass
 class GenerationReport:
-    """What demonstration writing cost and how much of it was kept."""
+    """What demonstration writing cost and how much of it was kept.
+
+    ``written``: texts read from the answers; ``candidates``: those left after dropping copies and
+    duplicates; ``kept``: the demonstrations handed on. With a check, ``verified`` of the kept are
+    texts the LLM labels as intended and ``rejected`` candidates it labels otherwise.
+    """
 
     calls: int
     written: int
+    candidates: int
     kept: int
     dropped_copies: int
     dropped_duplicates: int
     per_label: dict[str, int]
+    verified: int | None = None
+    rejected: int | None = None
+
+
+def zero_shot_check(task: Task, annotator: CachedAnnotator, calibrate: Calibration = "auto") -> Check:
+    """A :data:`Check` by label scoring, zero-shot (one cheap call per text).
+
+    A small model often writes a text that fits another label (on TREC, "How many miles is it from
+    New York to Los Angeles?" written as a *description* question); shown as a demonstration, it
+    teaches the wrong label. ``auto`` calibration is decided over all the texts checked together,
+    so the writer checks every candidate so far each round (answers already given come from the
+    cache): a round's few texts, perhaps of one label, would tilt the rule.
+    """
+    from freeal.annotate import label_groups
+
+    def check(demos: Sequence[tuple[str, str]]) -> list[tuple[bool, float]]:
+        texts = [t for t, _ in demos]
+        frame = label_groups(
+            task, texts, annotator, [(range(len(texts)), ())], calibrate=calibrate, progress=False
+        )
+        return [
+            (frame["label"][i] == label, float((frame["probs"][i] or {}).get(label, 0.0)))
+            for i, (_, label) in enumerate(demos)
+        ]
+
+    return check
 
 
 def generate_demonstrations(
@@ -151,34 +188,44 @@ def generate_demonstrations(
     temperature: float = 0.8,
     max_calls_per_label: int | None = None,
     seed: int = 0,
+    check: Check | None = None,
+    min_per_label: int = 3,
 ) -> tuple[list[tuple[str, str]], GenerationReport]:
     """``(text, label)`` demonstrations written by the LLM, ``per_label`` for each label if it can.
 
     Each call shows ``style_examples`` unlabeled texts (drawn from ``style_texts`` under ``seed``,
-    each cut to its first sentence or two, :func:`excerpt`) and asks for ``per_call`` new texts of
-    one label, each no longer than the longest excerpt (so long texts cost a bounded number of
-    tokens). Texts are kept when non-empty, not a (near) copy of a style example (:func:`is_copy`),
-    and not a duplicate of a text already kept (compared lower-cased without punctuation, across
-    labels too: a text written for two labels is ambiguous and kept only for the first). Calls go
-    out in rounds, one call for each label still short of its quota, all in one request, so a
-    served model answers them concurrently; rounds continue until every quota is met or
-    ``max_calls_per_label`` (default: twice the calls needed) is spent. A label that ends empty is
-    an error, since the prompts would never show it.
+    each cut to its first sentence or two, :func:`excerpt`) and asks for new texts of one label, each
+    no longer than the longest excerpt (so long texts cost a bounded number of tokens): ``per_call``,
+    or fewer when the label needs fewer. Texts are candidates when non-empty, not a (near) copy of a
+    style example (:func:`is_copy`), and not a duplicate of an earlier candidate (compared
+    lower-cased without punctuation, across labels too: a text written for two labels is ambiguous
+    and kept only for the first). Calls go out in rounds, one call for each label still short of its
+    quota, all in one request, so a served model answers them concurrently; rounds continue until
+    every quota is met or ``max_calls_per_label`` (default: twice the calls needed) is spent.
 
-    What a call asks does not depend on the order calls go out in, nor on which labels are still
-    short: each label draws its style texts from a random stream of its own, and a round's token
-    budget follows the longest excerpt drawn for that round by every label, asked or not.
+    With a ``check`` (:func:`zero_shot_check`) the quota counts the candidates the LLM labels as
+    intended, checked after every round, so writing stops as soon as those suffice and a label whose
+    texts the LLM rejects is asked again; the demonstrations are those texts, and a label left with
+    fewer than ``min_per_label`` (or ``per_label``, if fewer) takes its other candidates the LLM
+    scores highest for it, so every label still appears. A label that ends without any candidate is an error, since the prompts
+    would never show it.
+
+    What a call asks does not depend on the order calls go out in, nor on the other labels: each
+    label draws its style texts from a random stream of its own, and a round's token budget follows
+    the longest excerpt drawn for that round by every label, asked or not.
     """
     if not style_texts:
         raise FreeALError("demonstration writing needs at least one unlabeled text to show as style")
     budget = max_calls_per_label or 2 * math.ceil(per_label / per_call)
     draws = style_draws(task.label_names, len(style_texts), style_examples, budget, seed)
-    kept: dict[str, list[str]] = {label: [] for label in task.label_names}
+    candidates: list[tuple[str, str]] = []
+    verdicts: list[tuple[bool, float]] = []
     seen: set[str] = set()
     written = copies = duplicates = calls = 0
     for attempt in range(budget):
-        short = [label for label in task.label_names if len(kept[label]) < per_label]
-        if not short:
+        counted = _per_label([d for d, (ok, _) in zip(candidates, verdicts, strict=True) if ok], task)
+        need = {label: per_label - counted[label] for label in task.label_names if counted[label] < per_label}
+        if not need:
             break
         shown = {
             label: [excerpt(style_texts[int(i)]) for i in draws[label][attempt]] for label in task.label_names
@@ -186,7 +233,8 @@ def generate_demonstrations(
         # written texts as long as the longest excerpt: about 2 tokens a word, plus the numbering
         words = {label: max(len(t.split()) for t in examples) for label, examples in shown.items()}
         prompts = [
-            generation_prompt(task, label, shown[label], per_call, max_words=words[label]) for label in short
+            generation_prompt(task, label, shown[label], min(per_call, n), max_words=words[label])
+            for label, n in need.items()
         ]
         answers = dict(
             annotator.generate_many(
@@ -197,7 +245,7 @@ def generate_demonstrations(
             )
         )
         calls += len(prompts)
-        for k, label in enumerate(short):  # in label order, whatever order the answers came in
+        for k, label in enumerate(need):  # in label order, whatever order the answers came in
             shown_norm = [normal_form(t) for t in shown[label]]
             for text in parse_generated(answers[k].text):
                 written += 1
@@ -206,51 +254,31 @@ def generate_demonstrations(
                     copies += 1
                 elif norm in seen:
                     duplicates += 1
-                elif len(kept[label]) < per_label:
+                else:
                     seen.add(norm)
-                    kept[label].append(text)
-    for label, texts in kept.items():
-        if not texts:
+                    candidates.append((text, label))
+        verdicts = check(candidates) if check and candidates else [(True, 1.0)] * len(candidates)
+    kept: list[tuple[str, str]] = []
+    verified = 0
+    for label in task.label_names:
+        mine = [i for i, (_, lab) in enumerate(candidates) if lab == label]
+        if not mine:
             raise FreeALError(
                 f"the LLM wrote no usable demonstration for label {label!r} in {budget} calls; "
                 "describe the label more concretely in the task, or use a stronger model"
             )
-    demos = [(text, label) for label, texts in kept.items() for text in texts]
-    return demos, GenerationReport(calls, written, len(demos), copies, duplicates, _per_label(demos, task))
-
-
-def verify_demonstrations(
-    task: Task,
-    annotator: CachedAnnotator,
-    demos: Sequence[tuple[str, str]],
-    *,
-    calibrate: Calibration = "auto",
-    min_per_label: int = 3,
-) -> tuple[list[tuple[str, str]], dict[str, int]]:
-    """Keep the written demonstrations that the LLM itself, asked zero-shot, labels as intended.
-
-    A small model often writes a text that fits another label (on TREC, "How many miles is it from
-    New York to Los Angeles?" written as a *description* question); shown as a demonstration, it
-    teaches the wrong label. Each text is labeled zero-shot by label scoring (one cheap call) and
-    kept when the answer is the label it was written for. A label left with fewer than
-    ``min_per_label`` keeps its texts the model scores highest for it, so every label still appears.
-    Returns the kept demonstrations (in their original order) and how many were kept per label.
-    """
-    from freeal.annotate import label_groups
-
-    texts = [t for t, _ in demos]
-    frame = label_groups(
-        task, texts, annotator, [(range(len(texts)), ())], calibrate=calibrate, progress=False
+        chosen = [i for i in mine if verdicts[i][0]][:per_label]
+        verified += len(chosen)
+        others = sorted((i for i in mine if not verdicts[i][0]), key=lambda i: -verdicts[i][1])
+        floor = min(min_per_label, per_label)
+        kept += [candidates[i] for i in chosen + others[: max(0, floor - len(chosen))]]
+    report = GenerationReport(
+        calls, written, len(candidates), len(kept), copies, duplicates, _per_label(kept, task)
     )
-    keep = {i for i, (_, label) in enumerate(demos) if frame["label"][i] == label}
-    for label in task.label_names:
-        mine = [i for i, (_, lab) in enumerate(demos) if lab == label]
-        agreed = [i for i in mine if i in keep]
-        if len(agreed) < min_per_label:
-            ranked = sorted(mine, key=lambda i: -(frame["probs"][i] or {}).get(label, 0.0))
-            keep.update([i for i in ranked if i not in keep][: min_per_label - len(agreed)])
-    kept = [d for i, d in enumerate(demos) if i in keep]
-    return kept, _per_label(kept, task)
+    if check:
+        report.verified = verified
+        report.rejected = sum(not ok for ok, _ in verdicts)
+    return kept, report
 
 
 # -- who sees which demonstrations ----------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -148,7 +148,8 @@ def _store(out: SpanAnswers, i: int, mentions: list[tuple[str, str]], tokens: Se
 
 @dataclass
 class DemoReport:
-    """What demonstration writing produced and dropped (duplicates, copies, unreadable blocks)."""
+    """What demonstration writing produced and dropped (duplicates, copies, unreadable blocks), and
+    the entities a check added (``spans_added_by_check``)."""
 
     calls: int = 0
     written: int = 0
@@ -158,6 +159,12 @@ class DemoReport:
     copies: int = 0
     duplicates: int = 0
     per_type: dict[str, int] = field(default_factory=dict)
+    spans_added_by_check: int | None = None
+
+
+#: a check of written sentences: each sentence's entity list once the LLM has also annotated it
+#: zero-shot (the written spans and what the zero-shot pass found beside them)
+SpanCheck = Callable[[Sequence[Demo]], list[list[Span]]]
 
 
 def parse_demo_blocks(answer: str, types: Sequence[str]) -> tuple[list[Demo], int, int]:
@@ -184,6 +191,10 @@ def parse_demo_blocks(answer: str, types: Sequence[str]) -> tuple[list[Demo], in
     return demos, unreadable, unaligned
 
 
+def _sentences_per_type(demos: Sequence[Demo], types: Sequence[str]) -> dict[str, int]:
+    return {kind: sum(any(k == kind for k, _, _ in spans) for _, spans in demos) for kind in types}
+
+
 def generate_ner_demonstrations(
     task: Task,
     annotator: CachedAnnotator,
@@ -195,44 +206,53 @@ def generate_ner_demonstrations(
     temperature: float = 0.8,
     max_calls_per_type: int | None = None,
     seed: int = 0,
+    check: SpanCheck | None = None,
 ) -> tuple[list[Demo], DemoReport]:
     """Sentences with entities, written by the LLM: about ``per_type`` mentioning each type.
 
     Each call shows ``style_examples`` unlabeled sentences and asks for ``per_call`` sentences
-    mentioning one type; a kept sentence counts for every type it mentions. Calls go out in rounds,
-    one for each type still short, all in one request (a served model answers them concurrently);
-    each type draws its style sentences from a stream of its own (:func:`freeal.demos.style_draws`),
-    so what a call asks does not depend on the order calls go out in. A type that ends with no
-    sentence is an error (the initial round would never show it).
+    mentioning one type (fewer when the type needs fewer); a kept sentence counts for every type it
+    mentions. Calls go out in rounds, one for each type still short, all in one request (a served
+    model answers them concurrently); each type draws its style sentences from a stream of its own
+    (:func:`freeal.demos.style_draws`), so what a call asks does not depend on the order calls go
+    out in. With a ``check`` the sentences kept so far are checked after every round and counted
+    by their checked entity lists: a writer asked for one type tends to list only that type, so a
+    sentence the check finds the other type in counts for it too, and that type stops being asked
+    once such sentences suffice. A type that ends with no sentence is an error (the initial round
+    would never show it).
     """
     if not style_sentences:
         raise FreeALError("demonstration writing needs at least one unlabeled sentence to show as style")
     budget = max_calls_per_type or 2 * math.ceil(per_type / per_call)
     draws = style_draws(task.label_names, len(style_sentences), style_examples, budget, seed)
-    report = DemoReport(per_type=dict.fromkeys(task.label_names, 0))
+    report = DemoReport()
     kept: list[Demo] = []
     seen: set[str] = set()
     for attempt in range(budget):
-        short = [kind for kind in task.label_names if report.per_type[kind] < per_type]
-        if not short:
+        report.per_type = _sentences_per_type(kept, task.label_names)
+        need = {kind: per_type - n for kind, n in report.per_type.items() if n < per_type}
+        if not need:
             break
-        shown = [[render(style_sentences[int(i)]) for i in draws[kind][attempt]] for kind in short]
+        shown = [[render(style_sentences[int(i)]) for i in draws[kind][attempt]] for kind in need]
+        asked = [min(per_call, n) for n in need.values()]
         prompts = [
-            ner_generation_prompt(task, kind, examples, per_call)
-            for kind, examples in zip(short, shown, strict=True)
+            ner_generation_prompt(task, kind, examples, n)
+            for kind, examples, n in zip(need, shown, asked, strict=True)
         ]
-        grammar = demo_grammar(task.label_names, per_call)
         answers = dict(
             annotator.generate_many(
                 prompts,
                 max_tokens=100 * per_call,
                 temperature=temperature,
                 seed=seed + attempt,
-                grammars=[grammar] * len(prompts) if annotator.supports_grammar else None,
+                grammars=[demo_grammar(task.label_names, n) for n in asked]
+                if annotator.supports_grammar
+                else None,
             )
         )
         report.calls += len(prompts)
-        for j in range(len(short)):  # in type order, whatever order the answers came in
+        before = len(kept)
+        for j in range(len(need)):  # in type order, whatever order the answers came in
             demos, unreadable, unaligned = parse_demo_blocks(answers[j].text, task.label_names)
             report.written += len(demos) + unreadable + unaligned
             report.unreadable += unreadable
@@ -247,8 +267,14 @@ def generate_ner_demonstrations(
                 else:
                     seen.add(norm)
                     kept.append((tokens, spans))
-                    for present in {k for k, _, _ in spans}:
-                        report.per_type[present] += 1
+        if check:  # the round's new sentences; earlier ones were checked in their round
+            new = kept[before:]
+            checked = check(new) if new else []
+            report.spans_added_by_check = (report.spans_added_by_check or 0) + sum(
+                len(c) - len(s) for c, (_, s) in zip(checked, new, strict=True)
+            )
+            kept[before:] = [(t, c) for (t, _), c in zip(new, checked, strict=True)]
+    report.per_type = _sentences_per_type(kept, task.label_names)
     for kind, count in report.per_type.items():
         if count == 0:
             raise FreeALError(

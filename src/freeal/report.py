@@ -262,9 +262,9 @@ def rows(report: dict) -> list[list[str]]:
         )
     demos = report.get("demos")
     if demos:
-        kept = (
-            f"{demos['verified']} of {demos['kept']} kept" if "verified" in demos else f"{demos['kept']} kept"
-        )
+        kept = f"{demos['kept']} kept"
+        if demos.get("verified") is not None:
+            kept += f", {demos['verified']} labeled as intended"
         stages.append({"stage": "demonstrations", "asked": kept, **_cost(demos)})
     for rd in report["rounds"]:
         llm, slm = rd["llm"], rd["slm"] or {}

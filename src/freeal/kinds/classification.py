@@ -24,7 +24,7 @@ import pandas as pd
 from freeal.annotate import label_groups
 from freeal.config import Calibration, LoopConfig, SLMConfig
 from freeal.data import Items, dataset_frame, read_items
-from freeal.demos import generate_demonstrations, verify_demonstrations
+from freeal.demos import generate_demonstrations, zero_shot_check
 from freeal.extras import require
 from freeal.kinds.base import Answers, Group, SLMFit, TaskKind
 from freeal.llm.cache import CachedAnnotator
@@ -109,15 +109,11 @@ class Classification(TaskKind):
             temperature=loop.generation_temperature,
             max_calls_per_label=loop.max_calls_per_label,
             seed=loop.seed,
+            check=zero_shot_check(self.task, annotator, calibrate) if loop.verify_demos else None,
         )
-        say(f"wrote {report.kept} demonstrations ({report.per_label}) in {report.calls} LLM calls")
+        checked = f", {report.verified} of them labeled as intended" if report.verified is not None else ""
+        say(f"wrote {report.kept} demonstrations ({report.per_label}){checked} in {report.calls} LLM calls")
         result = asdict(report)
-        if loop.verify_demos:
-            demos, result["verified_per_label"] = verify_demonstrations(
-                self.task, annotator, demos, calibrate=calibrate
-            )
-            result["verified"] = len(demos)
-            say(f"kept {len(demos)} that the LLM labels as intended ({result['verified_per_label']})")
         return [{"text": t, "label": label} for t, label in demos], result
 
     def demo_text(self, demo: dict) -> str:

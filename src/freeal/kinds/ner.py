@@ -3,9 +3,10 @@
 - The LLM lists entities (:func:`freeal.ner_annotate.annotate_sentences`: a per-sentence grammar
   on llama.cpp, strict JSON elsewhere); demonstrations go in as earlier chat turns.
 - Written demonstrations (``initial_demos: generated``) are sentences the LLM writes per type; with
-  ``verify_demos`` each is also annotated zero-shot and the two lists merged, since a writer asked
-  for one type tends to list only that type. ``auto`` means a zero-shot start for NER, which ended
-  higher on both measured BC5CDR slices (BENCHMARKS.md).
+  ``verify_demos`` each is also annotated zero-shot as it is written and the two lists merged,
+  since a writer asked for one type tends to list only that type (and a sentence found to mention
+  another type counts for it, so that type is asked less). ``auto`` means a zero-shot start for
+  NER, which ended higher on both measured BC5CDR slices (BENCHMARKS.md).
 - A sentence's *signature* is the set of types it holds (``Chemical+Disease``, ``none``), so the
   clean set and the pool show every type and entity-free sentences too. A pool without any entity
   is never shown: measured, it taught the LLM to answer "no entity" everywhere.
@@ -39,7 +40,7 @@ from freeal.kinds.base import Answers, Group, SLMFit, TaskKind
 from freeal.llm.cache import CachedAnnotator
 from freeal.metrics import ner_report
 from freeal.ner import Span, entity_rows, render, spans_from_tags, tag_agreement, tags_from_spans
-from freeal.ner_annotate import annotate_sentences, generate_ner_demonstrations
+from freeal.ner_annotate import Demo, annotate_sentences, generate_ner_demonstrations
 
 
 def as_spans(raw: Any) -> list[Span] | None:
@@ -93,6 +94,17 @@ class NER(TaskKind):
         progress: bool,
         say: Callable[[str], None],
     ) -> tuple[list[dict], dict]:
+        def check(demos: Sequence[Demo]) -> list[list[Span]]:
+            found = annotate_sentences(
+                self.task,
+                [t for t, _ in demos],
+                annotator,
+                [(np.arange(len(demos)), [])],
+                progress=progress,
+                description="demonstrations, zero-shot",
+            )
+            return [merge_spans(s, more or []) for (_, s), more in zip(demos, found.spans, strict=True)]
+
         demos, report = generate_ner_demonstrations(
             self.task,
             annotator,
@@ -103,27 +115,12 @@ class NER(TaskKind):
             temperature=loop.generation_temperature,
             max_calls_per_type=loop.max_calls_per_label,
             seed=loop.seed,
+            check=check if loop.verify_demos else None,
         )
-        say(f"wrote {report.kept} demonstration sentences ({report.per_type}) in {report.calls} LLM calls")
-        result = asdict(report)
-        if loop.verify_demos:
-            check = annotate_sentences(
-                self.task,
-                [t for t, _ in demos],
-                annotator,
-                [(np.arange(len(demos)), [])],
-                progress=progress,
-                description="demonstrations, zero-shot",
-            )
-            merged = [
-                (t, merge_spans(s, found or [])) for (t, s), found in zip(demos, check.spans, strict=True)
-            ]
-            added = sum(len(m) - len(s) for (_, m), (_, s) in zip(merged, demos, strict=True))
-            demos = merged
-            result["verified"] = len(demos)
-            result["spans_added_by_zero_shot"] = added
-            say(f"the zero-shot pass added {added} entities the writer had not listed")
-        return [{"tokens": t, "spans": s} for t, s in demos], result
+        added = report.spans_added_by_check
+        checked = "" if added is None else f", {added} entities added zero-shot"
+        say(f"wrote {report.kept} sentences ({report.per_type}){checked} in {report.calls} LLM calls")
+        return [{"tokens": t, "spans": s} for t, s in demos], asdict(report)
 
     def demo_text(self, demo: dict) -> str:
         return render(demo["tokens"])
