@@ -113,7 +113,8 @@ def main() -> None:
         "examples": demos[:: max(1, len(demos) // 6)],
     }
     runs = json.loads(args.out.read_text())["runs"] if args.out.is_file() else []
-    runs = [r for r in runs if (r["tag"], r["data"]) != (args.tag, args.data)] + [result]
+    key = (args.tag, args.data, args.seed)
+    runs = [r for r in runs if (r["tag"], r["data"], r["seed"]) != key] + [result]
     args.out.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "examples"}), flush=True)
 
