@@ -207,8 +207,8 @@ def generate_demonstrations(
     intended, checked after every round, so writing stops as soon as those suffice and a label whose
     texts the LLM rejects is asked again; the demonstrations are those texts, and a label left with
     fewer than ``min_per_label`` (or ``per_label``, if fewer) takes its other candidates the LLM
-    scores highest for it, so every label still appears. A label that ends without any candidate is an error, since the prompts
-    would never show it.
+    scores highest for it, so every label still appears. A label that ends without any candidate is
+    an error, since the prompts would never show it.
 
     What a call asks does not depend on the order calls go out in, nor on the other labels: each
     label draws its style texts from a random stream of its own, and a round's token budget follows
