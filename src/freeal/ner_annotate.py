@@ -227,6 +227,7 @@ def generate_ner_demonstrations(
     draws = style_draws(task.label_names, len(style_sentences), style_examples, budget, seed)
     report = DemoReport()
     kept: list[Demo] = []
+    added = 0  # entities the check found beside the written ones
     seen: set[str] = set()
     for attempt in range(budget):
         report.per_type = _sentences_per_type(kept, task.label_names)
@@ -270,11 +271,11 @@ def generate_ner_demonstrations(
         if check:  # the round's new sentences; earlier ones were checked in their round
             new = kept[before:]
             checked = check(new) if new else []
-            report.spans_added_by_check = (report.spans_added_by_check or 0) + sum(
-                len(c) - len(s) for c, (_, s) in zip(checked, new, strict=True)
-            )
+            added += sum(len(c) - len(s) for c, (_, s) in zip(checked, new, strict=True))
             kept[before:] = [(t, c) for (t, _), c in zip(new, checked, strict=True)]
     report.per_type = _sentences_per_type(kept, task.label_names)
+    if check:
+        report.spans_added_by_check = added
     for kind, count in report.per_type.items():
         if count == 0:
             raise FreeALError(
