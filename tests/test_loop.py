@@ -378,6 +378,23 @@ def test_refinery_asks_no_one_when_the_slm_cannot_learn_the_llm(slice_, smollm2,
     assert runner.labels_["label"].tolist() == [r["label"] for r in last]
 
 
+def test_a_refinery_round_that_changes_few_labels_is_the_last(slice_, smollm2, tmp_path):
+    """``min_change``: once a round changes fewer than that share of the labels, no round follows;
+    the final labels come from that round's answers and SLM."""
+    task, items, _ = slice_
+    loop = LOOP.model_copy(update={"initial_demos": "none", "refinery_rounds": 3, "min_change": 1.0})
+    said: list[str] = []
+    runner, _ = run(task, smollm2, tmp_path / "cache.sqlite", tmp_path / "run", loop=loop, say=said.append)
+    runner.fit(items)
+    folder = runner.run_dir
+    assert json.loads((folder / "round-1/llm/step.json").read_text())["changed_share"] < 1.0
+    assert (folder / "round-1/slm/step.json").is_file() and not (folder / "round-1/feedback").exists()
+    assert not (folder / "round-2").exists()
+    assert "labels settled after round 1: stopping" in said
+    assert json.loads((folder / "final/step.json").read_text())["round"] == 1
+    assert [r["round"] for r in runner.report_["rounds"]] == [0, 1]
+
+
 def test_each_labeled_row_keeps_its_own_raw_scores(scripted_llm, tmp_path):
     """``log_scores`` is each text's own answer (it once held the last answer of the pass for all)."""
     from freeal.annotate import label_groups
