@@ -27,7 +27,7 @@ def test_plan_recovers_a_known_backend_and_writes_nothing(data_dir, tmp_path, mo
     annotator = CachedAnnotator(scripted_llm(lambda text, labels: labels[len(text) % 2], seconds), user_cache)
     llm = LLMConfig(calibrate="off")
     slm = SLMConfig(backbone="all-minilm-l6-v2", epochs=2, warmup_epochs=1, cross_fit=0, device="cpu")
-    loop = LoopConfig(refinery_rounds=1)
+    loop = LoopConfig(refinery_rounds=2)
     plan = plan_run(task, items, llm, slm, loop, annotator=annotator, price_per_million=(2.0, 8.0))
 
     stages = {s["name"]: s for s in plan["stages"]}
@@ -42,6 +42,9 @@ def test_plan_recovers_a_known_backend_and_writes_nothing(data_dir, tmp_path, mo
     assert plan["assumed_noisy_share"] == 0.25
     assert refine["sent_tokens"] > refine["calls"] * first["sent_tokens"] / first["calls"]  # demonstrations
     assert stages["round 0 SLM"]["seconds"] > 0 and stages["embed texts"]["seconds"] > 0
+    # a second round runs only if the first changed enough labels: planned, with the condition said
+    later = stages["round 2 refinery (if round 1 changes 2.5% of the labels or more)"]
+    assert later["calls"] == refine["calls"]
     # one more SLM training, on the final labels, timed on its own: the classifier's deployed SLM is
     # linear on layer means and embeds the texts its own way, where a later round's head reuses its
     # cached vectors

@@ -255,8 +255,11 @@ def plan_run(
     asked = max(1, round(noisy_share * n))
     mean_length = float(lengths_all.mean())
     for r in range(1, loop.refinery_rounds + 1):
-        stages.append(refine.stage(f"round {r} refinery", groups(asked), np.full(asked, mean_length)))
-        stages.append(Stage(f"round {r} SLM", seconds=later_train))
+        # a later round runs only if the one before changed at least ``min_change`` of the labels,
+        # which no probe can tell: planned, and said to be an upper bound
+        when = f" (if round {r - 1} changes {loop.min_change:.1%} of the labels or more)" if r > 1 else ""
+        stages.append(refine.stage(f"round {r} refinery{when}", groups(asked), np.full(asked, mean_length)))
+        stages.append(Stage(f"round {r} SLM{when}", seconds=later_train))
     if retrained:
         stages.append(Stage("SLM on the final labels", seconds=deployed_train))
     plan: dict = {
