@@ -33,6 +33,7 @@ from freeal.data import read_items, read_jsonl
 from freeal.kinds import kind_of
 from freeal.llm.base import LabelScores
 from freeal.loop import agreement_kappa
+from freeal.report import score
 from freeal.tasks import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,19 +54,6 @@ def offsets_by_item(folder: Path) -> dict[str, list[float]]:
     }
 
 
-def relabel(rows: list[dict], offsets: dict[str, list[float]] | None, labels: list[str]) -> list:
-    """Each asked row's label decided again from its raw scores: calibrated with its group's offsets,
-    or plainly (``offsets`` None); rows not asked keep None."""
-    out: list[str | None] = []
-    for row in rows:
-        if not row.get("asked") or row.get("log_scores") is None:
-            out.append(None)
-            continue
-        answer = LabelScores(label=row["label"], scores=row["log_scores"])
-        out.append(decide(answer, labels, None if offsets is None else offsets.get(row["id"]))[0])
-    return out
-
-
 def merged(
     rows: list[dict],
     previous: list[dict],
@@ -75,7 +63,8 @@ def merged(
 ) -> list[str | None]:
     """A refinery round's labels had its answers been decided with ``offsets`` (None: plainly) and
     merged by ``rule`` (``Classification.merge``: ``combined`` takes the label the earlier and the new
-    probabilities make most probable together, ``new`` the new answer's); not asked: kept."""
+    probabilities make most probable together, ``new`` the new answer's); not asked: kept. The
+    zero-shot pass is the case of no earlier answers (``previous`` labels None) and rule ``new``."""
     out = []
     for row, old in zip(rows, previous, strict=True):
         if not row.get("asked") or row.get("log_scores") is None:
@@ -90,10 +79,6 @@ def merged(
     return out
 
 
-def accuracy(predicted: list, gold: list) -> float:
-    return float(np.mean([p == g for p, g in zip(predicted, gold, strict=True)]))
-
-
 def replay(run_dir: Path) -> dict:
     """The knobs' effects in one kept run folder (see the module docstring)."""
     dataset, limit, seed = run_dir.name.split("_")[-3:]
@@ -101,7 +86,9 @@ def replay(run_dir: Path) -> dict:
     items = read_items(DATA / dataset / "train.jsonl", task=task, limit=int(limit), seed=int(seed[1:]))
     kind = kind_of(task)
     labels = task.label_names
-    gold = list(items.gold)
+
+    def accuracy(predicted: list) -> float:
+        return score(kind.score(items.gold, predicted))
 
     def with_ids(name: str) -> list[dict]:
         rows = read_jsonl(run_dir / name / "labels.jsonl")
@@ -109,37 +96,39 @@ def replay(run_dir: Path) -> dict:
 
     zero = with_ids("zero-shot")
     offsets = offsets_by_item(run_dir / "zero-shot")
-    plain, calibrated = relabel(zero, None, labels), relabel(zero, offsets, labels)
+    unanswered = [{"label": None}] * len(zero)
+    plain, calibrated = (merged(zero, unanswered, o, "new", labels) for o in (None, offsets))
     answers = [LabelScores(label=r["label"], scores=r["log_scores"]) for r in zero if r.get("log_scores")]
     auto = choose_calibration(answers, labels, [offsets.get(r["id"]) for r in zero if r.get("log_scores")])
-    min_kappa = json.loads((run_dir / "run.json").read_text())["loop"]["min_kappa"]
-    final_step = step(run_dir / "final")
-    last = final_step["round"]
-    weight = final_step["slm_weight"]
+    # the run's settings, not its final step's weight (0 there if its last round failed the kappa check)
+    settings = json.loads((run_dir / "run.json").read_text())["loop"]
+    weight = settings["slm_weight"] if settings["final_label"] == "combined" else 0.0
+    last = step(run_dir / "final")["round"]
     rounds = []
-    previous = with_ids("round-0/llm")
+    round0 = previous = with_ids("round-0/llm")
     for r in range(1, last + 1):
         rows = with_ids(f"round-{r}/llm")
         fits = read_jsonl(run_dir / f"round-{r}/slm/predictions.jsonl")
-        group_offsets = offsets_by_item(run_dir / f"round-{r}/llm")
-        variants = {
-            f"{rule}, {way}": accuracy(merged(rows, previous, chosen, rule, labels), gold)
-            for rule in ("combined", "new")
-            for way, chosen in (("calibrated per group", group_offsets), ("plain", None))
-        }
+        # exact for round 1 only (later rounds' prompts depend on the earlier merges)
+        variants = None
+        if r == 1:
+            group_offsets = offsets_by_item(run_dir / f"round-{r}/llm")
+            variants = {
+                f"{rule}, {way}": accuracy(merged(rows, previous, chosen, rule, labels))
+                for rule in ("combined", "new")
+                for way, chosen in (("calibrated per group", group_offsets), ("plain", None))
+            }
         kappa = agreement_kappa([row["label"] for row in rows], [f["predicted"] for f in fits])
-        stop_weight = weight if kappa is None or kappa >= min_kappa else 0.0
+        stop_weight = weight if kappa is None or kappa >= settings["min_kappa"] else 0.0
         stopped, _ = kind.combine(items, [(rows, fits)], stop_weight)
         rounds.append(
             {
                 "round": r,
                 "asked": int(sum(bool(row.get("asked")) for row in rows)),
                 "changed_share": step(run_dir / f"round-{r}/llm")["changed_share"],
-                "llm_combined": accuracy([row["label"] for row in rows], gold),
-                # exact for round 1 only (later rounds' prompts depend on the earlier merges)
-                "llm_if_round_1_were": variants if r == 1 else None,
-                "ran_calibrated": bool(step(run_dir / "round-0/llm")["calibrated"]),
-                "final_if_stopped_here": accuracy(stopped, gold),
+                "llm_combined": accuracy([row["label"] for row in rows]),
+                "llm_if_round_1_were": variants,
+                "final_if_stopped_here": accuracy(stopped),
             }
         )
         previous = rows
@@ -148,14 +137,14 @@ def replay(run_dir: Path) -> dict:
         "seed": int(seed[1:]),
         "n": len(items),
         "zero_shot": {
-            "plain": accuracy(plain, gold),
-            "calibrated": accuracy(calibrated, gold),
+            "plain": accuracy(plain),
+            "calibrated": accuracy(calibrated),
             "auto_picks": "calibrated" if auto else "plain",
             "run_used_calibration": bool(step(run_dir / "zero-shot").get("calibrated")),
         },
-        "round_0": accuracy([row["label"] for row in with_ids("round-0/llm")], gold),
+        "round_0": accuracy([row["label"] for row in round0]),
         "rounds": rounds,
-        "final": accuracy([row["label"] for row in read_jsonl(run_dir / "final" / "answers.jsonl")], gold),
+        "final": accuracy([row["label"] for row in read_jsonl(run_dir / "final" / "answers.jsonl")]),
         "slm_weight": weight,
     }
 
