@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from freeal.annotate import choose_calibration, decide
+from freeal.config import LoopConfig
 from freeal.data import read_items, read_jsonl
 from freeal.kinds import kind_of
 from freeal.llm.base import LabelScores
-from freeal.loop import agreement_kappa
+from freeal.loop import agreement_kappa, final_slm_weight
 from freeal.report import score
 from freeal.tasks import load_task
 
@@ -101,8 +102,8 @@ def replay(run_dir: Path) -> dict:
     answers = [LabelScores(label=r["label"], scores=r["log_scores"]) for r in zero if r.get("log_scores")]
     auto = choose_calibration(answers, labels, [offsets.get(r["id"]) for r in zero if r.get("log_scores")])
     # the run's settings, not its final step's weight (0 there if its last round failed the kappa check)
-    settings = json.loads((run_dir / "run.json").read_text())["loop"]
-    weight = settings["slm_weight"] if settings["final_label"] == "combined" else 0.0
+    settings = LoopConfig(**json.loads((run_dir / "run.json").read_text())["loop"])
+    weight = final_slm_weight(settings, None)
     last = step(run_dir / "final")["round"]
     rounds = []
     round0 = previous = with_ids("round-0/llm")
@@ -119,8 +120,7 @@ def replay(run_dir: Path) -> dict:
                 for way, chosen in (("calibrated per group", group_offsets), ("plain", None))
             }
         kappa = agreement_kappa([row["label"] for row in rows], [f["predicted"] for f in fits])
-        stop_weight = weight if kappa is None or kappa >= settings["min_kappa"] else 0.0
-        stopped, _ = kind.combine(items, [(rows, fits)], stop_weight)
+        stopped, _ = kind.combine(items, [(rows, fits)], final_slm_weight(settings, kappa))
         rounds.append(
             {
                 "round": r,

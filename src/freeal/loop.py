@@ -594,13 +594,10 @@ class FreeAL:
         cfg = self.loop_config
         rounds = [self._round(r) for r in (range(last + 1) if self.kind.weighs_every_round else [last])]
         rows, fits = rounds[-1]
-        weight = (cfg.slm_weight or 0.0) if cfg.final_label == "combined" else 0.0
-        # An SLM that reproduces the LLM's last answers no better than chance learned nothing from
-        # them (an annotator near chance: BENCHMARKS.md); weighing it in would only add its noise.
         kappa = self._kappa([self.kind.signature(a) for a in self._with_fixed(rows)], fits)
-        if weight and kappa is not None and kappa < cfg.min_kappa:
+        weight = final_slm_weight(cfg, kappa)
+        if weight != final_slm_weight(cfg, None):
             self.say(f"final labels: the SLM learned the LLM's answers no better than chance ({kappa:.2f})")
-            weight = 0.0
         final, confidence = self.kind.combine(self.items, rounds, weight)
         key = self.kind.answer_key
         write_jsonl_atomic(
@@ -655,6 +652,15 @@ class FreeAL:
         self.slm_ = self.kind.load_model(self.slm_path_, self.slm_config.device)
         self.labels_ = frame
         return frame
+
+
+def final_slm_weight(cfg: LoopConfig, kappa: float | None) -> float:
+    """The SLM's weight in the final labels: ``slm_weight`` under ``final_label: combined``, else 0;
+    and 0 when the SLM reproduces the LLM's last answers with a kappa under ``min_kappa``: it learned
+    nothing from them (an annotator near chance: BENCHMARKS.md), and weighing it in would only add
+    its noise. ``kappa`` None (not measurable) leaves the weight as set."""
+    weight = (cfg.slm_weight or 0.0) if cfg.final_label == "combined" else 0.0
+    return 0.0 if kappa is not None and kappa < cfg.min_kappa else weight
 
 
 def agreement_kappa(first: Sequence[str | None], second: Sequence[str | None]) -> float | None:
