@@ -439,7 +439,7 @@ loop: {{initial_demos: none, k: 4, group_size: 8, refinery_rounds: 1, pool_size:
     assert len(labels) == 12 and all(r["tags"] is None or len(r["tags"]) == len(r["tokens"]) for r in labels)
 
 
-def test_initial_round_backbone_and_slm_weight_default_to_the_kind(data_dir):
+def test_initial_round_backbone_slm_weight_and_min_kappa_default_to_the_kind(data_dir):
     ner = FreeAL(TASK, progress=False)
     classification = FreeAL(load_task(data_dir / "sst2"), progress=False)
     assert ner.loop_config.initial_demos == "none"
@@ -447,6 +447,9 @@ def test_initial_round_backbone_and_slm_weight_default_to_the_kind(data_dir):
     # the tagger's vote outweighs the LLM's on NER; a classifier's probabilities weigh half
     assert (ner.loop_config.slm_weight, classification.loop_config.slm_weight) == (2.0, 0.5)
     assert FreeAL(TASK, loop=LoopConfig(slm_weight=0.25), progress=False).loop_config.slm_weight == 0.25
+    # a classifier's SLM must agree with the LLM far above chance to filter for refinery
+    assert (ner.loop_config.min_kappa, classification.loop_config.min_kappa) == (0.2, 0.6)
+    assert FreeAL(TASK, loop=LoopConfig(min_kappa=-1.0), progress=False).loop_config.min_kappa == -1.0
     assert classification.slm_config.backbone == "all-mpnet-base-v2"
     # NER's loop fine-tunes MiniLM (also for the settings' default mode, head, which a tagger does
     # not have); mode linear is the logistic regression on mpnet's layer means

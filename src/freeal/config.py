@@ -236,6 +236,8 @@ class LoopConfig(BaseModel):
     answers no better than this Cohen's kappa: answers a model cannot learn carry little signal,
     and demonstrations drawn from them would feed the LLM its own bias. The final labels then leave
     the SLM out too (the LLM's answers alone): with a near-chance annotator it only added noise.
+    Unset: per kind (classification 0.6: below it the SLM is too weak a filter, and refinery and
+    the SLM's vote cost TREC 2.8 points on 13 slices of 300 and 500 texts; NER 0.2; BENCHMARKS.md).
     ``deployed_slm``: the SLM handed back (``slm_``): ``final_labels`` trains it once more on the
     final labels (``final/slm``; one more SLM training, skipped when they are the last round's
     answers), ``last_round`` keeps the last round's, which learned the LLM's last answers. On the
@@ -275,7 +277,7 @@ class LoopConfig(BaseModel):
     slm_weight: float | None = Field(default=None, ge=0)
     deployed_slm: Literal["final_labels", "last_round"] = "final_labels"
     deployed_mode: Literal["head", "linear", "finetune"] | None = None
-    min_kappa: float = Field(default=0.2, ge=-1, le=1)
+    min_kappa: float | None = Field(default=None, ge=-1, le=1)
     seed: int = 0
 
 

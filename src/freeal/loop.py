@@ -564,7 +564,7 @@ class FreeAL:
         # says the answers carry little signal, and demonstrations drawn from them would only teach
         # the LLM its own bias: then refinery asks no one.
         result["kappa"] = self._kappa(signatures, fit)
-        if not problem and result["kappa"] is not None and result["kappa"] < cfg.min_kappa:
+        if not problem and below_min_kappa(cfg, result["kappa"]):
             problem = (
                 f"the SLM reproduces the LLM's answers no better than chance (kappa {result['kappa']:.2f} < "
                 f"min_kappa {cfg.min_kappa}): they carry too little signal to refine from"
@@ -660,7 +660,14 @@ def final_slm_weight(cfg: LoopConfig, kappa: float | None) -> float:
     nothing from them (an annotator near chance: BENCHMARKS.md), and weighing it in would only add
     its noise. ``kappa`` None (not measurable) leaves the weight as set."""
     weight = (cfg.slm_weight or 0.0) if cfg.final_label == "combined" else 0.0
-    return 0.0 if kappa is not None and kappa < cfg.min_kappa else weight
+    return 0.0 if below_min_kappa(cfg, kappa) else weight
+
+
+def below_min_kappa(cfg: LoopConfig, kappa: float | None) -> bool:
+    """Whether the SLM-LLM ``kappa`` falls under ``min_kappa``: then refinery asks no one and the
+    final labels leave the SLM out. A kappa that could not be measured, or a ``min_kappa`` no task
+    kind has resolved yet (:meth:`~freeal.kinds.base.TaskKind.with_defaults`), sets no floor."""
+    return kappa is not None and cfg.min_kappa is not None and kappa < cfg.min_kappa
 
 
 def agreement_kappa(first: Sequence[str | None], second: Sequence[str | None]) -> float | None:

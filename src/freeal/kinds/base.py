@@ -80,6 +80,9 @@ class TaskKind(ABC):
     initial_demos: ClassVar[str]
     #: what ``slm_weight`` unset means for this kind: the SLM's weight in the final labels
     slm_weight: ClassVar[float]
+    #: what ``min_kappa`` unset means for this kind: the SLM-LLM agreement below which refinery
+    #: asks no one and the final labels leave the SLM out
+    min_kappa: ClassVar[float]
     #: whether :meth:`combine` weighs every round's answers (NER's vote) or the last round's only:
     #: the final step reads no more rounds than that (a round is two files of N rows)
     weighs_every_round: ClassVar[bool] = False
@@ -97,10 +100,12 @@ class TaskKind(ABC):
 
     def with_defaults(self, loop: LoopConfig) -> LoopConfig:
         """``loop`` with this kind's choices where it leaves them unset (``initial_demos: auto``,
-        ``slm_weight``, ``deployed_mode``), so a run's fingerprint and its plan name what runs."""
+        ``slm_weight``, ``min_kappa``, ``deployed_mode``), so a run's fingerprint and its plan name
+        what runs."""
         unset = {
             "initial_demos": (loop.initial_demos == "auto", self.initial_demos),
             "slm_weight": (loop.slm_weight is None, self.slm_weight),
+            "min_kappa": (loop.min_kappa is None, self.min_kappa),
             "deployed_mode": (loop.deployed_mode is None, self.deployed_mode),
         }
         return loop.model_copy(update={key: value for key, (pick, value) in unset.items() if pick})

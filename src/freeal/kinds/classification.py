@@ -48,6 +48,11 @@ class Classification(TaskKind):
     initial_demos = "none"
     #: 0.25-0.5 are level on the quality slices, 1-2 hurt TREC, whose SLM is weak (BENCHMARKS.md)
     slm_weight = 0.5
+    #: the SLM-LLM kappa below which the SLM is too weak a filter to refine by: 0.33-0.56 on 13 TREC
+    #: slices of 300 and 500 texts, where refinery and the SLM's vote lost 2.8 points on the mean
+    #: (11 of 13 below zero-shot), against 0.65-0.73 on every 1,000-text slice and 0.70-0.71 on
+    #: 300-text sentiment slices, where they gained (BENCHMARKS.md)
+    min_kappa = 0.6
     unit = "texts"
     #: on the final labels of 9 slices 1.2-1.9 points from them on the test sets, the head 3.7-4.0
     deployed_mode = "linear"
