@@ -560,14 +560,15 @@ class FreeAL:
         noisy = found.noisy
         result: dict = {"round": r, "clean_set": len(found.clean), "pool": len(pool)}
         problem = self.kind.pool_problem(pool)
-        # Can the SLM learn the LLM's answers at all? Chance-level agreement (kappa) between the two
-        # says the answers carry little signal, and demonstrations drawn from them would only teach
-        # the LLM its own bias: then refinery asks no one.
+        # Can the SLM filter the LLM's answers at all? Little agreement (kappa) between the two
+        # says the SLM is too weak to tell right from wrong, or the answers carry little signal:
+        # the clean set would be a guess, and demonstrations drawn from it would teach the LLM its
+        # own errors. Then refinery asks no one.
         result["kappa"] = self._kappa(signatures, fit)
         if not problem and below_min_kappa(cfg, result["kappa"]):
             problem = (
-                f"the SLM reproduces the LLM's answers no better than chance (kappa {result['kappa']:.2f} < "
-                f"min_kappa {cfg.min_kappa}): they carry too little signal to refine from"
+                f"the SLM reproduces the LLM's answers too weakly to sort them (kappa "
+                f"{result['kappa']:.2f} < min_kappa {cfg.min_kappa}): no clean set to refine from"
             )
         if problem:
             self.say(f"round {r + 1}: {problem}; labels kept as they are")
@@ -597,7 +598,7 @@ class FreeAL:
         kappa = self._kappa([self.kind.signature(a) for a in self._with_fixed(rows)], fits)
         weight = final_slm_weight(cfg, kappa)
         if weight != final_slm_weight(cfg, None):
-            self.say(f"final labels: the SLM learned the LLM's answers no better than chance ({kappa:.2f})")
+            self.say(f"final labels: the LLM's alone, the SLM reproduces them too weakly (kappa {kappa:.2f})")
         final, confidence = self.kind.combine(self.items, rounds, weight)
         key = self.kind.answer_key
         write_jsonl_atomic(
