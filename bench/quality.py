@@ -10,7 +10,8 @@ preset (``default`` at the top level, other presets under their name).
 Presets: ``default`` (the library's defaults) and ``paper`` (the FreeAL paper's settings: written
 demonstrations to start, each text with its own nearest demonstrations, refinery answers taken as
 they are, the LLM's last answer as the label, consistency loss on, 20% clean set, every refinery round run:
-the paper has no early stop, so ``min_change`` is 0 there).
+the paper has no early stop and no agreement check, so ``min_change`` is 0 there and ``min_kappa``
+-1).
 
     python bench/quality.py --datasets sst2 mr trec --seeds 0 1 2 --limit 1000 --keep /tmp/q
     python bench/quality.py --datasets bc5cdr --seeds 0 1 --limit 300 --keep /tmp/q
@@ -52,6 +53,7 @@ PRESETS: dict[str, dict] = {
             "final_label": "llm",
             "clean_fraction": 0.2,
             "min_change": 0.0,
+            "min_kappa": -1.0,
         },
         "slm": {"lambda_u": 1.0, "cross_fit": 0},
     },

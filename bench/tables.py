@@ -190,6 +190,45 @@ def quality(preset: str = "default") -> None:
         )
 
 
+def kappa_floor() -> None:
+    """A classifier's ``min_kappa`` 0.6 on small TREC slices: each slice run under the old floor
+    (``presets_<n>/``) and again under the new one (``min_kappa_floor/``), with the feedback
+    step's SLM-LLM kappa, which decides."""
+    import statistics
+
+    after = sorted(
+        (json.loads(p.read_text()) for p in (RESULTS / "min_kappa_floor").glob("quality_default_*_s*.json")),
+        key=lambda r: (r["report"]["items"], r["seed"]),
+    )
+    if not after:
+        return
+    print(
+        "| texts | seed | zero-shot | kappa | LLM labels per round, floor 0.2 | final, 0.2 | gain "
+        "| refinery asked | final, 0.6 | gain | SLM test, 0.2 → 0.6 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    gains: dict[str, list[float]] = {"0.2": [], "0.6": []}
+    for new in after:
+        n, seed = new["report"]["items"], new["seed"]
+        name = f"quality_default_{new['dataset']}_{n}_s{seed}.json"
+        old = json.loads((RESULTS / f"presets_{n}" / name).read_text())
+        kappa = old["report"]["rounds"][0]["feedback"]["kappa"]
+        asked = sum(rd["llm"]["asked"] for rd in old["report"]["rounds"][1:])
+        gain_old, gain_new = (100 * (r["final"] - r["zero_shot"]) for r in (old, new))
+        gains["0.2"].append(gain_old)
+        gains["0.6"].append(gain_new)
+        print(
+            f"| {n} | {seed} | {old['zero_shot']:.3f} | {kappa:.2f} "
+            f"| {' → '.join(f'{x:.3f}' for x in old['llm_labels'])} | {old['final']:.3f} | {gain_old:+.1f} "
+            f"| {asked} | {new['final']:.3f} | {gain_new:+.1f} "
+            f"| {old['slm_test']:.3f} → {new['slm_test']:.3f} |"
+        )
+    print(
+        f"| **mean** | {len(after)} slices | | | | | **{statistics.mean(gains['0.2']):+.1f} "
+        f"± {statistics.stdev(gains['0.2']):.1f}** | | | **{statistics.mean(gains['0.6']):+.1f}** | |"
+    )
+
+
 def deployed_slm(preset: str = "default") -> None:
     """The SLM a run hands back, per quality run that trained it on the final labels
     (``deployed_slm: final_labels``): test score of the last round's SLM and of the retrained one,
@@ -332,6 +371,7 @@ def scale_loop() -> None:
 if __name__ == "__main__":
     scale_loop()
     quality()
+    kappa_floor()
     deployed_slm()
     frozen_slm()
     slm_on_final_labels()
