@@ -378,40 +378,6 @@ def test_refinery_asks_no_one_when_the_slm_cannot_learn_the_llm(slice_, smollm2,
     assert runner.labels_["label"].tolist() == [r["label"] for r in last]
 
 
-def test_under_min_kappa_the_llm_s_own_probabilities_can_sort_its_answers(slice_, smollm2, tmp_path):
-    """``weak_slm: llm_confidence``: when the SLM is too weak to filter, refinery asks the answers
-    the LLM gave at under even odds, with demonstrations from each label's most probable ones."""
-    task, items, _ = slice_
-    loop = LOOP.model_copy(
-        update={
-            "initial_demos": "none",
-            "refinery_rounds": 1,
-            "min_kappa": 0.99,
-            "weak_slm": "llm_confidence",
-            "clean_fraction": 0.5,
-        }
-    )
-    runner, _ = run(task, smollm2, tmp_path / "cache.sqlite", tmp_path / "run", loop=loop)
-    runner.fit(items)
-    folder = runner.run_dir
-    feedback = json.loads((folder / "round-0/feedback/step.json").read_text())
-    assert feedback["filter"] == "llm_confidence" and "skipped" not in feedback
-    first = read_jsonl(folder / "round-0/llm/labels.jsonl")
-    pool = {r["id"] for r in read_jsonl(folder / "round-0/feedback/pool.jsonl")}
-    doubted = [r["id"] for r in first if r["confidence"] < 0.5 and r["id"] not in pool]
-    assert doubted, "the slice should hold answers under even odds"
-    assert [r["id"] for r in read_jsonl(folder / "round-0/feedback/noisy.jsonl")] == doubted
-    assert [r["id"] for r in read_jsonl(folder / "round-1/llm/labels.jsonl") if r["asked"]] == doubted
-    # the clean set: per label, its most probable half, whatever the SLM predicted
-    clean = {r["id"] for r in read_jsonl(folder / "round-0/feedback/clean.jsonl")}
-    for label in {r["label"] for r in first}:
-        mine = sorted((r for r in first if r["label"] == label), key=lambda r: -r["confidence"])
-        top = mine[: -(-len(mine) // 2)]
-        assert {r["id"] for r in top} == {r["id"] for r in mine if r["id"] in clean}
-    # the final labels still leave the weak SLM out
-    assert json.loads((folder / "final/step.json").read_text())["slm_weight"] == 0.0
-
-
 def test_a_refinery_round_that_changes_few_labels_is_the_last(slice_, smollm2, tmp_path):
     """``min_change``: once a round changes fewer than that share of the labels, no round follows;
     the final labels come from that round's answers and SLM."""

@@ -238,11 +238,6 @@ class LoopConfig(BaseModel):
     the SLM out too (the LLM's answers alone): with a near-chance annotator it only added noise.
     Unset: per kind (classification 0.6: below it the SLM is too weak a filter, and refinery and
     the SLM's vote cost TREC 2.8 points on 13 slices of 300 and 500 texts; NER 0.2; BENCHMARKS.md).
-    ``weak_slm``: what refinery does under ``min_kappa``: ``skip`` (ask no one) or
-    ``llm_confidence``: filter by the LLM's own calibrated probabilities instead of the SLM, where
-    the task kind has them (a classifier; NER skips): the clean set is each class's most probable
-    answers, and refinery asks the answers the LLM itself gives under even odds (probability below
-    0.5), so more likely wrong than right.
     ``deployed_slm``: the SLM handed back (``slm_``): ``final_labels`` trains it once more on the
     final labels (``final/slm``; one more SLM training, skipped when they are the last round's
     answers), ``last_round`` keeps the last round's, which learned the LLM's last answers. On the
@@ -283,7 +278,6 @@ class LoopConfig(BaseModel):
     deployed_slm: Literal["final_labels", "last_round"] = "final_labels"
     deployed_mode: Literal["head", "linear", "finetune"] | None = None
     min_kappa: float | None = Field(default=None, ge=-1, le=1)
-    weak_slm: Literal["skip", "llm_confidence"] = "skip"
     seed: int = 0
 
 

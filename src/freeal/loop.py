@@ -529,33 +529,16 @@ class FreeAL:
         answers = self._answers(f"round-{r}/llm")
         fit = read_jsonl(self._path(f"round-{r}/slm") / "predictions.jsonl")
         signatures = [self.kind.signature(a) for a in answers]
-        # Can the SLM filter the LLM's answers at all? Little agreement (kappa) between the two
-        # says the SLM is too weak to tell right from wrong, or the answers carry little signal:
-        # its clean set would be a guess, and demonstrations drawn from it would teach the LLM its
-        # own errors. Then refinery filters by the LLM's own probabilities, or asks no one.
-        kappa = self._kappa(signatures, fit)
-        weak = below_min_kappa(cfg, kappa)
-        own = self.kind.answer_confidence(self._rows(f"round-{r}/llm")) if weak else None
-        by_llm = own is not None and cfg.weak_slm == "llm_confidence"
+        losses = np.asarray([np.nan if p["mean_loss"] is None else p["mean_loss"] for p in fit])
         # refinery asks what the loss split calls noisy (the paper) or where the SLM disagrees;
         # feedback() adds the unanswered items and leaves out the pool's members either way. A
         # person's answer is clean and never doubted.
         fixed = self.fixed
-        if by_llm and own is not None:
-            # the LLM as its own filter: its most probable answers are the clean set, those it
-            # gives at under even odds go back
-            agree = [True] * len(fit)
-            doubted = [i not in fixed and not own[i] >= 0.5 for i in range(len(fit))]
-            losses = -np.log(np.clip(np.nan_to_num(own, nan=0.0), 1e-12, 1.0))
-            for i in fixed:
-                losses[i] = 0.0
-        else:
-            agree = [p["agree"] or i in fixed for i, p in enumerate(fit)]
-            doubted = [
-                i not in fixed and not (p["agree"] if cfg.refine == "disagree" else p["clean"])
-                for i, p in enumerate(fit)
-            ]
-            losses = np.asarray([np.nan if p["mean_loss"] is None else p["mean_loss"] for p in fit])
+        agree = [p["agree"] or i in fixed for i, p in enumerate(fit)]
+        doubted = [
+            i not in fixed and not (p["agree"] if cfg.refine == "disagree" else p["clean"])
+            for i, p in enumerate(fit)
+        ]
         found = feedback(
             signatures,
             agree,
@@ -575,21 +558,18 @@ class FreeAL:
             for d in found.pool
         ]
         noisy = found.noisy
-        result: dict = {"round": r, "clean_set": len(found.clean), "pool": len(pool), "kappa": kappa}
+        result: dict = {"round": r, "clean_set": len(found.clean), "pool": len(pool)}
         problem = self.kind.pool_problem(pool)
-        if weak and kappa is not None and not problem:
-            why = (
-                f"the SLM reproduces the LLM's answers too weakly to sort them (kappa {kappa:.2f} < "
-                f"min_kappa {cfg.min_kappa})"
+        # Can the SLM filter the LLM's answers at all? Little agreement (kappa) between the two
+        # says the SLM is too weak to tell right from wrong, or the answers carry little signal:
+        # the clean set would be a guess, and demonstrations drawn from it would teach the LLM its
+        # own errors. Then refinery asks no one.
+        result["kappa"] = self._kappa(signatures, fit)
+        if not problem and below_min_kappa(cfg, result["kappa"]):
+            problem = (
+                f"the SLM reproduces the LLM's answers too weakly to sort them (kappa "
+                f"{result['kappa']:.2f} < min_kappa {cfg.min_kappa}): no clean set to refine from"
             )
-            if by_llm:
-                result["filter"] = "llm_confidence"
-                self.say(
-                    f"round {r + 1}: {why}: the LLM's own probabilities sort them instead, "
-                    f"{len(noisy)} answers under even odds asked again"
-                )
-            else:
-                problem = f"{why}: no clean set to refine from"
         if problem:
             self.say(f"round {r + 1}: {problem}; labels kept as they are")
             noisy = np.zeros(0, dtype=np.int64)

@@ -165,12 +165,6 @@ class TaskKind(ABC):
     def signature(self, answer: Any) -> str | None:
         """The class of an answer for balancing (``None``: no answer)."""
 
-    def answer_confidence(self, rows: Sequence[dict]) -> np.ndarray | None:
-        """The LLM's own probability of each answer in a round's ``rows`` (NaN where it gave none),
-        or ``None`` when this kind's answers carry none: then a weak SLM leaves refinery nothing
-        to filter by (``LoopConfig.weak_slm``)."""
-        return None
-
     def pool_problem(self, pool: Sequence[dict]) -> str | None:
         """Why a demonstration pool must not be shown (then refinery asks no one), or ``None``."""
         return None

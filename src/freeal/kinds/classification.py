@@ -133,12 +133,6 @@ class Classification(TaskKind):
     def signature(self, answer: Any) -> str | None:
         return answer
 
-    def answer_confidence(self, rows: Sequence[dict]) -> np.ndarray | None:
-        """The label's probability among the task's labels, calibrated as the run chose."""
-        return np.asarray(
-            [np.nan if r.get("confidence") is None else r["confidence"] for r in rows], dtype=np.float64
-        )
-
     def ask(
         self,
         annotator: CachedAnnotator,
