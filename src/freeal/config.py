@@ -233,11 +233,12 @@ class LoopConfig(BaseModel):
     each tagger prediction weighing ``slm_weight`` against the LLM's 1) or ``llm`` (the LLM's last
     answer, the paper). ``slm_weight`` unset: per kind (classification 0.5, NER 2; BENCHMARKS.md).
     ``min_kappa``: refinery asks no one when the SLM's (held-out) predictions agree with the LLM's
-    answers no better than this Cohen's kappa: answers a model cannot learn carry little signal,
-    and demonstrations drawn from them would feed the LLM its own bias. The final labels then leave
-    the SLM out too (the LLM's answers alone): with a near-chance annotator it only added noise.
-    Unset: per kind (classification 0.6: below it the SLM is too weak a filter, and refinery and
-    the SLM's vote cost TREC 2.8 points on 13 slices of 300 and 500 texts; NER 0.2; BENCHMARKS.md).
+    answers less than this Cohen's kappa: the SLM is then too weak to tell right answers from wrong
+    ones (too few texts for its classes), or the answers carry too little signal to learn, so its
+    clean set would be a guess and demonstrations drawn from it would feed the LLM its own errors.
+    The final labels then leave the SLM out too (the LLM's answers alone). Unset: per kind
+    (classification 0.6: under it refinery and the SLM's vote cost TREC 2.8 points on 13 slices of
+    300 and 500 texts, and a near-chance annotator's SLM 2.4 on SST-2; NER 0.2; BENCHMARKS.md).
     ``deployed_slm``: the SLM handed back (``slm_``): ``final_labels`` trains it once more on the
     final labels (``final/slm``; one more SLM training, skipped when they are the last round's
     answers), ``last_round`` keeps the last round's, which learned the LLM's last answers. On the

@@ -658,8 +658,9 @@ class FreeAL:
 def final_slm_weight(cfg: LoopConfig, kappa: float | None) -> float:
     """The SLM's weight in the final labels: ``slm_weight`` under ``final_label: combined``, else 0;
     and 0 when the SLM reproduces the LLM's last answers with a kappa under ``min_kappa``: it learned
-    nothing from them (an annotator near chance: BENCHMARKS.md), and weighing it in would only add
-    its noise. ``kappa`` None (not measurable) leaves the weight as set."""
+    too little from them (an annotator near chance, or too few texts for the classes: BENCHMARKS.md),
+    and weighing it in would only add its errors. ``kappa`` None (not measurable) leaves the weight
+    as set."""
     weight = (cfg.slm_weight or 0.0) if cfg.final_label == "combined" else 0.0
     return 0.0 if below_min_kappa(cfg, kappa) else weight
 
