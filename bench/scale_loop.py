@@ -182,7 +182,10 @@ def run(n: int, url: str, scratch: Path, deployed: str) -> dict:
         backend="openai", base_url=url, model="fake", max_concurrency=16, cache_path=scratch / f"{n}.sqlite"
     )
     slm = SLMConfig(backbone="all-minilm-l6-v2")
-    loop = LoopConfig(deployed_mode=deployed)  # type: ignore[arg-type]
+    # The server's lexicon answers are ones the SLM reproduces at a kappa near 0.5, under a
+    # classifier's default floor (0.6), where the loop would stop after round 0's feedback; the
+    # floor every record before it ran under (0.2) keeps a refinery round in what is timed.
+    loop = LoopConfig(deployed_mode=deployed, min_kappa=0.2)  # type: ignore[arg-type]
     runner = FreeAL(
         task, llm, slm, loop, run_dir=scratch / f"run{n}", progress=False, say=say,
     )  # fmt: skip
@@ -204,6 +207,7 @@ def run(n: int, url: str, scratch: Path, deployed: str) -> dict:
         "base_anon_mb": base_anon,
         "peak_anon_mb": max(s["peak_anon_mb"] for s in stages.values()),
         "llm_requests": runner.report_["totals"]["llm_calls"],
+        "kappa": [(r["feedback"] or {}).get("kappa") for r in runner.report_["rounds"]],
         "stages": stages,
     }
     return result

@@ -6,12 +6,13 @@ import subprocess
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from freeal.config import SLMConfig
 from freeal.data import read_items
 from freeal.errors import FreeALError
 from freeal.kinds import kind_of
-from freeal.slm import folds
+from freeal.slm import classifier, folds
 from freeal.tasks import load_task
 
 CFG = SLMConfig(
@@ -54,17 +55,35 @@ def started(monkeypatch) -> list[list[str]]:
     return commands
 
 
+def openmp_threads() -> list[int]:
+    """The thread count of each OpenMP runtime loaded in this process."""
+    return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "openmp"]
+
+
 def test_folds_in_workers_give_the_same_model_and_probabilities_as_one_process(sst2, monkeypatch):
     task, items, given = sst2
     kind = kind_of(task)
     monkeypatch.setattr(folds, "PARALLEL_MIN_ITEMS", 100)
     monkeypatch.setenv(folds.ENV_VAR, "1")
     alone = kind.train(items, given, CFG, lambda _: None)
+    split_threads: list[int] = []
+    split = classifier.split_clean
+
+    def spy(*args, **kwargs):
+        split_threads.extend(openmp_threads())
+        return split(*args, **kwargs)
+
+    monkeypatch.setattr(classifier, "split_clean", spy)
     commands = started(monkeypatch)
     assert commands == []
     monkeypatch.setenv(folds.ENV_VAR, "3")
+    threads = openmp_threads()
     beside = kind.train(items, given, CFG, lambda _: None)
     assert len(commands) == 2  # 3 folds on 3 cores: the main model here, the folds in 2 workers
+    # beside busy workers this process's clean split (scikit-learn's OpenMP) ran on one thread, and
+    # the limit ends with the step
+    assert split_threads and set(split_threads) == {1}
+    assert openmp_threads() == threads
     assert alone.proba is not None and beside.proba is not None
     # one torch thread and two sum in another order on some CPUs (seen on a CI machine: 6e-8), so
     # the probabilities agree to float32 rounding and every decision made from them is the same

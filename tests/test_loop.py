@@ -284,7 +284,7 @@ test: {{path: {data_dir / "trec" / "test.jsonl"}, limit: 20}}
 out: ../out
 llm: {{model: smollm2-135m, cache_path: ../cache.sqlite, calibrate: off}}
 slm: {{mode: head, epochs: 3, warmup_epochs: 1, device: cpu}}
-loop: {{initial_demos: none, k: 6, group_size: 12, refinery_rounds: 1}}
+loop: {{initial_demos: none, k: 6, group_size: 12, refinery_rounds: 1, min_kappa: -1}}
 """
     )
     result = subprocess.run(
@@ -370,12 +370,14 @@ def test_refinery_asks_no_one_when_the_slm_cannot_learn_the_llm(slice_, smollm2,
     feedback = json.loads((runner.run_dir / "round-0/feedback/step.json").read_text())
     assert feedback["kappa"] < 0.99 and "kappa" in feedback["skipped"]
     assert feedback["noisy"] == 0
-    assert not any(r["asked"] for r in read_jsonl(runner.run_dir / "round-1/llm/labels.jsonl"))
+    # so no refinery round follows: its SLM would learn the same labels again
+    assert not (runner.run_dir / "round-1").exists() and len(runner.report_["rounds"]) == 1
     # nor do the final labels weigh in an SLM that learned nothing: they are the LLM's answers
     final = json.loads((runner.run_dir / "final/step.json").read_text())
+    assert final["round"] == 0
     assert final["slm_weight"] == 0.0 and final["kappa"] < 0.99 and final["changed_from_llm"] == 0
-    last = read_jsonl(runner.run_dir / "round-1/llm/labels.jsonl")
-    assert runner.labels_["label"].tolist() == [r["label"] for r in last]
+    first = read_jsonl(runner.run_dir / "round-0/llm/labels.jsonl")
+    assert runner.labels_["label"].tolist() == [r["label"] for r in first]
 
 
 def test_a_refinery_round_that_changes_few_labels_is_the_last(slice_, smollm2, tmp_path):

@@ -232,10 +232,11 @@ class LoopConfig(BaseModel):
     ``slm_weight``, its probability the confidence; for NER a vote of every round's entity lists,
     each tagger prediction weighing ``slm_weight`` against the LLM's 1) or ``llm`` (the LLM's last
     answer, the paper). ``slm_weight`` unset: per kind (classification 0.5, NER 2; BENCHMARKS.md).
-    ``min_kappa``: refinery asks no one when the SLM's (held-out) predictions agree with the LLM's
-    answers less than this Cohen's kappa: the SLM is then too weak to tell right answers from wrong
-    ones (too few texts for its classes), or the answers carry too little signal to learn, so its
-    clean set would be a guess and demonstrations drawn from it would feed the LLM its own errors.
+    ``min_kappa``: the loop stops after the feedback step (no refinery round) when the SLM's
+    (held-out) predictions agree with the LLM's answers less than this Cohen's kappa: the SLM is
+    then too weak to tell right answers from wrong ones (too few texts for its classes), or the
+    answers carry too little signal to learn, so its clean set would be a guess and demonstrations
+    drawn from it would feed the LLM its own errors.
     The final labels then leave the SLM out too (the LLM's answers alone). Unset: per kind
     (classification 0.6: under it refinery and the SLM's vote cost TREC 2.8 points on 13 slices of
     300 and 500 texts, and a near-chance annotator's SLM 2.4 on SST-2; NER 0.2; BENCHMARKS.md).

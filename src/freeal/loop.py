@@ -209,7 +209,11 @@ class FreeAL:
             if r > 1 and self._summary(f"round-{r - 1}/llm")["changed_share"] < cfg.min_change:
                 self.say(f"labels settled after round {r - 1}: stopping")
                 break
-            self._step(f"round-{r - 1}/feedback", partial(self._feedback, r - 1))
+            if self._step(f"round-{r - 1}/feedback", partial(self._feedback, r - 1))["noisy"] == 0:
+                # nothing to ask again (a skipped feedback, or no doubt left): another SLM would
+                # only learn the same labels again
+                self.say(f"round {r}: no item to ask again: stopping")
+                break
             self._step(f"round-{r}/llm", partial(self._refine, r))
             self._step(f"round-{r}/slm", partial(self._train, r))
             last = r
@@ -563,7 +567,7 @@ class FreeAL:
         # Can the SLM filter the LLM's answers at all? Little agreement (kappa) between the two
         # says the SLM is too weak to tell right from wrong, or the answers carry little signal:
         # the clean set would be a guess, and demonstrations drawn from it would teach the LLM its
-        # own errors. Then refinery asks no one.
+        # own errors. Then no refinery round follows.
         result["kappa"] = self._kappa(signatures, fit)
         if not problem and below_min_kappa(cfg, result["kappa"]):
             problem = (

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from freeal.config import SLMConfig
 from freeal.errors import FreeALError
@@ -225,6 +226,7 @@ def _workers(lanes: list[list[int]], fits: _Fits) -> Iterator[Callable[[], Itera
         _workers_kept.append(_Worker())
     workers = _workers_kept[: len(lanes)]
     threads = torch.get_num_threads()
+    limits: list[threadpool_limits] = []
     with tempfile.TemporaryDirectory(prefix="freeal-folds-") as tmp:
         job = Path(tmp)
         done = False
@@ -232,6 +234,10 @@ def _workers(lanes: list[list[int]], fits: _Fits) -> Iterator[Callable[[], Itera
             _write_job(job, fits)
             for worker, lane in zip(workers, lanes, strict=True):
                 worker.send(job, lane)
+            # one thread here while they train, for scikit-learn's OpenMP too (the clean split's GMM
+            # starts from k-means): at two threads against a busy worker its spin-waits took 5 of
+            # the 10k loop's 21 s of SLM
+            limits.append(threadpool_limits(limits=1))
             torch.set_num_threads(1)
 
             def results() -> Iterator[tuple[int, np.ndarray]]:
@@ -243,6 +249,8 @@ def _workers(lanes: list[list[int]], fits: _Fits) -> Iterator[Callable[[], Itera
             yield results
             done = True
         finally:
+            for limit in limits:  # before torch's own: it restores what it found, torch's included
+                limit.restore_original_limits()
             torch.set_num_threads(threads)
             if not done:
                 stop_workers()
