@@ -209,10 +209,11 @@ class FreeAL:
             if r > 1 and self._summary(f"round-{r - 1}/llm")["changed_share"] < cfg.min_change:
                 self.say(f"labels settled after round {r - 1}: stopping")
                 break
-            if self._step(f"round-{r - 1}/feedback", partial(self._feedback, r - 1))["noisy"] == 0:
-                # nothing to ask again (a skipped feedback, or no doubt left): another SLM would
-                # only learn the same labels again
-                self.say(f"round {r}: no item to ask again: stopping")
+            found = self._step(f"round-{r - 1}/feedback", partial(self._feedback, r - 1))
+            if found["noisy"] == 0:
+                # nothing to ask again: another SLM would only learn the same labels again
+                if "skipped" not in found:  # (a skipped step has said why)
+                    self.say(f"round {r}: the SLM doubts no label: stopping")
                 break
             self._step(f"round-{r}/llm", partial(self._refine, r))
             self._step(f"round-{r}/slm", partial(self._train, r))
