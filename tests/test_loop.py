@@ -284,6 +284,7 @@ test: {{path: {data_dir / "trec" / "test.jsonl"}, limit: 20}}
 out: ../out
 llm: {{model: smollm2-135m, cache_path: ../cache.sqlite, calibrate: off}}
 slm: {{mode: head, epochs: 3, warmup_epochs: 1, device: cpu}}
+# SmolLM2 is near chance: min_kappa -1 lets refinery run, this test checks the plumbing
 loop: {{initial_demos: none, k: 6, group_size: 12, refinery_rounds: 1, min_kappa: -1}}
 """
     )

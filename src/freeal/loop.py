@@ -8,6 +8,7 @@
       round r / slm     robust self-training of the SLM on the current labels: clean/noisy split
       round r / feedback  clean set (SLM and LLM agree, lowest loss) -> k-medoids pool; noisy set
       round r+1 / llm   refinery: only the noisy items are asked again, with their nearest pool members
+                        (none noisy, or the SLM too weak to sort the answers: the repeat ends here)
     finish              labels.jsonl, report.json, report.html
 
 The loop is the same for every kind of task; what a step means for classification or NER (how
