@@ -6,6 +6,7 @@ report), not label quality; quality is measured in bench/loop.py.
 
 from __future__ import annotations
 
+import html
 import json
 import subprocess
 import sys
@@ -379,6 +380,11 @@ def test_refinery_asks_no_one_when_the_slm_cannot_learn_the_llm(slice_, smollm2,
     assert final["slm_weight"] == 0.0 and final["kappa"] < 0.99 and final["changed_from_llm"] == 0
     first = read_jsonl(runner.run_dir / "round-0/llm/labels.jsonl")
     assert runner.labels_["label"].tolist() == [r["label"] for r in first]
+    # and the report says both, where the table only lacks the rows
+    notes = runner.report_["notes"]
+    assert len(notes) == 2 and all("too weakly" in n for n in notes)
+    page = (runner.run_dir / "report.html").read_text()
+    assert all(html.escape(n) in page for n in notes)
 
 
 def test_a_refinery_round_that_changes_few_labels_is_the_last(slice_, smollm2, tmp_path):
@@ -396,6 +402,8 @@ def test_a_refinery_round_that_changes_few_labels_is_the_last(slice_, smollm2, t
     assert "labels settled after round 1: stopping" in said
     assert json.loads((folder / "final/step.json").read_text())["round"] == 1
     assert [r["round"] for r in runner.report_["rounds"]] == [0, 1]
+    # the report says why it has two rounds of the four asked for
+    assert any("ended after round 1" in n and "min_change 100.0%" in n for n in runner.report_["notes"])
 
 
 def test_each_labeled_row_keeps_its_own_raw_scores(scripted_llm, tmp_path):

@@ -454,6 +454,8 @@ def run(
     # a log file or a pipe gets the whole table, not one squeezed to rich's default 80 columns
     shown = console if console.is_terminal else Console(stderr=True, width=180)
     shown.print(table(loop.report_))
+    for note in loop.report_.get("notes", []):
+        console.print(note, soft_wrap=True)
     kinds_head, kinds_rows = type_rows(loop.report_)
     if kinds_rows:  # NER: the labels' entity scores per type
         per_type = Table(title="entities per type (labels against gold)")
