@@ -206,20 +206,27 @@ class FreeAL:
         self._step("round-0/llm", self._initial_round)
         self._step("round-0/slm", lambda: self._train(0))
         last = 0
+        ended: str | None = None  # why the rounds stopped before refinery_rounds, for the report
         for r in range(1, cfg.refinery_rounds + 1):
-            if r > 1 and self._summary(f"round-{r - 1}/llm")["changed_share"] < cfg.min_change:
+            if r > 1 and (changed := self._summary(f"round-{r - 1}/llm")["changed_share"]) < cfg.min_change:
                 self.say(f"labels settled after round {r - 1}: stopping")
+                ended = (
+                    f"The loop ended after round {r - 1}: it changed {changed:.1%} of the labels, "
+                    f"fewer than min_change {cfg.min_change:.1%}."
+                )
                 break
             found = self._step(f"round-{r - 1}/feedback", partial(self._feedback, r - 1))
             if found["noisy"] == 0:
                 # nothing to ask again: another SLM would only learn the same labels again
                 if "skipped" not in found:  # (a skipped step has said why)
                     self.say(f"round {r}: the SLM doubts no label: stopping")
+                why = found.get("skipped") or "the SLM doubted no label"
+                ended = f"The loop ended after round {r - 1}'s feedback, no text to ask again: {why}."
                 break
             self._step(f"round-{r}/llm", partial(self._refine, r))
             self._step(f"round-{r}/slm", partial(self._train, r))
             last = r
-        self._step("final", lambda: self._final(last))
+        self._step("final", lambda: self._final(last, ended))
         if cfg.deployed_slm == "final_labels":
             self._step("final/slm", self._train_deployed)
         return self._finish()
@@ -595,7 +602,7 @@ class FreeAL:
         """Round ``r``'s LLM rows and SLM predictions, as :meth:`_final` weighs them."""
         return self._rows(f"round-{r}/llm"), read_jsonl(self._path(f"round-{r}/slm") / "predictions.jsonl")
 
-    def _final(self, last: int) -> dict:
+    def _final(self, last: int, ended: str | None) -> dict:
         """Each item's final answer and confidence: the LLM's last answer weighed with the SLM's
         (:meth:`~freeal.kinds.base.TaskKind.combine`), or the LLM's alone (``final_label: llm``)."""
         cfg = self.loop_config
@@ -603,8 +610,14 @@ class FreeAL:
         rows, fits = rounds[-1]
         kappa = self._kappa([self.kind.signature(a) for a in self._with_fixed(rows)], fits)
         weight = final_slm_weight(cfg, kappa)
+        # why the table lacks rows or the SLM's vote: shown under it (report.html, freeal run)
+        notes = [ended] if ended else []
         if weight != final_slm_weight(cfg, None):
             self.say(f"final labels: the LLM's alone, the SLM reproduces them too weakly (kappa {kappa:.2f})")
+            notes.append(
+                f"The final labels are the LLM's alone: the SLM reproduces its answers too weakly to weigh "
+                f"in (kappa {kappa:.2f} < min_kappa {cfg.min_kappa})."
+            )
         final, confidence = self.kind.combine(self.items, rounds, weight)
         key = self.kind.answer_key
         write_jsonl_atomic(
@@ -622,6 +635,7 @@ class FreeAL:
             "kappa": kappa,
             "changed_from_llm": sum(a != b for a, b in zip(final, llm, strict=True)),
             "metrics": self._score(final),
+            "notes": notes,
         }
         if self.gold is not None:
             result["calibration"] = calibration(self._right(final), confidence)

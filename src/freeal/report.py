@@ -121,7 +121,8 @@ def collect(run_dir: str | Path) -> dict:
         "demos": _read(run_dir / "demos/step.json"),
         "rounds": rounds,
         "final": final_step,
-        "notes": _notes(rounds, final_step, spec.get("loop", {})),
+        # the loop's own words on why the rounds ended where they did (final/step.json)
+        "notes": (final_step or {}).get("notes", []),
         # only an SLM trained on the final labels; a skipped step handed back the last round's
         "deployed_slm": deployed if deployed and "epochs" in deployed else None,
         "final_confidence": _histogram(final["confidence"]),
@@ -140,34 +141,6 @@ def collect(run_dir: str | Path) -> dict:
             "evaluated_tokens": sum(u.get("evaluated_tokens", 0) for u in usage),
         },
     }
-
-
-def _notes(rounds: list[dict], final: dict | None, loop: dict) -> list[str]:
-    """Why the rounds ended where they did, and why the final labels leave the SLM out when they
-    do: what a reader of the table would otherwise have to guess from a missing row. Nothing before
-    the final step: a run still going has not ended."""
-    if not final:
-        return []
-    notes = []
-    last = rounds[-1] if rounds else None
-    feedback = last["feedback"] if last else None
-    if last and feedback and feedback.get("noisy") == 0:
-        why = feedback.get("skipped") or "the SLM doubted no label"
-        notes.append(f"The loop ended after round {last['round']}'s feedback, no text to ask again: {why}.")
-    elif last and last["round"] >= 1 and last["round"] < loop.get("refinery_rounds", last["round"]):
-        changed = last["llm"].get("changed_share")
-        if changed is not None and changed < loop.get("min_change", 0):
-            notes.append(
-                f"The loop ended after round {last['round']}: it changed {changed:.1%} of the labels, "
-                f"fewer than min_change {loop['min_change']:.1%}."
-            )
-    kappa, floor = final.get("kappa"), loop.get("min_kappa")
-    if final.get("rule") == "combined" and kappa is not None and floor is not None and kappa < floor:
-        notes.append(
-            f"The final labels are the LLM's alone: the SLM reproduces its answers too weakly to weigh "
-            f"in (kappa {kappa:.2f} < min_kappa {floor})."
-        )
-    return notes
 
 
 def _examples(

@@ -226,7 +226,6 @@ def _workers(lanes: list[list[int]], fits: _Fits) -> Iterator[Callable[[], Itera
         _workers_kept.append(_Worker())
     workers = _workers_kept[: len(lanes)]
     threads = torch.get_num_threads()
-    limits: list[threadpool_limits] = []
     with tempfile.TemporaryDirectory(prefix="freeal-folds-") as tmp:
         job = Path(tmp)
         done = False
@@ -234,11 +233,6 @@ def _workers(lanes: list[list[int]], fits: _Fits) -> Iterator[Callable[[], Itera
             _write_job(job, fits)
             for worker, lane in zip(workers, lanes, strict=True):
                 worker.send(job, lane)
-            # one thread here while they train, for scikit-learn's OpenMP too (the clean split's GMM
-            # starts from k-means): at two threads against a busy worker its spin-waits took 5 of
-            # the 10k loop's 21 s of SLM
-            limits.append(threadpool_limits(limits=1))
-            torch.set_num_threads(1)
 
             def results() -> Iterator[tuple[int, np.ndarray]]:
                 for worker, lane in zip(workers, lanes, strict=True):
@@ -246,11 +240,14 @@ def _workers(lanes: list[list[int]], fits: _Fits) -> Iterator[Callable[[], Itera
                     for f in lane:
                         yield f, np.load(job / f"fold{f}.npy")
 
-            yield results
+            # one thread here while they train, for scikit-learn's OpenMP too (the clean split's GMM
+            # starts from k-means): at two threads against a busy worker its spin-waits took 5 of
+            # the 10k loop's 21 s of SLM. The limit, left first, restores torch's count as it found it.
+            with threadpool_limits(limits=1):
+                torch.set_num_threads(1)
+                yield results
             done = True
         finally:
-            for limit in limits:  # before torch's own: it restores what it found, torch's included
-                limit.restore_original_limits()
             torch.set_num_threads(threads)
             if not done:
                 stop_workers()
