@@ -53,14 +53,15 @@ class OnePerCall:
 
 class ScriptedLLM:
     """A classification annotator that loads no model: ``label(text, labels)`` picks each answer from
-    the text in the prompt, ``seconds(prompt)`` is how long it works on it (one call after another),
-    a token is 4 characters; ``asked`` lists the texts asked, in order."""
+    the text in the prompt (a label name, scored 0 against -3 for the others, or a score per label),
+    ``seconds(prompt)`` is how long it works on it (one call after another), a token is 4
+    characters; ``asked`` lists the texts asked, in order."""
 
     supports_grammar = False
 
     def __init__(
         self,
-        label: Callable[[str, list[str]], str],
+        label: Callable[[str, list[str]], str | dict[str, float]],
         seconds: Callable[[Any], float] = lambda prompt: 0.0,
         identity: str = "scripted-llm",
     ) -> None:
@@ -73,9 +74,11 @@ class ScriptedLLM:
             text = content.rsplit("Text: ", 1)[-1].removesuffix("\nLabel:")
             self.asked.append(text)
             time.sleep(self.seconds(prompt))
-            label = self.label(text, list(labels))
+            answer = self.label(text, list(labels))
+            given = answer if isinstance(answer, dict) else {answer: 0.0}
+            scores = [given.get(name, -3.0) for name in labels]
+            label = labels[max(range(len(labels)), key=scores.__getitem__)]
             sent = sum(len(m["content"]) for m in prompt) // 4
-            scores = [0.0 if name == label else -3.0 for name in labels]
             yield i, LabelScores(label, scores, sent, len(content) // 4, 1)
 
     def generate_many(self, prompts, **kw):  # type: ignore[no-untyped-def]

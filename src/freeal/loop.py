@@ -47,6 +47,7 @@ from freeal.kinds import kind_of
 from freeal.kinds.base import Answers, Group
 from freeal.llm.cache import CachedAnnotator, Ledger
 from freeal.progress import slm_line
+from freeal.structure import MAX_AGREEMENT, MIN_CHECK_KAPPA
 from freeal.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -604,7 +605,8 @@ class FreeAL:
 
     def _final(self, last: int, ended: str | None) -> dict:
         """Each item's final answer and confidence: the LLM's last answer weighed with the SLM's
-        (:meth:`~freeal.kinds.base.TaskKind.combine`), or the LLM's alone (``final_label: llm``)."""
+        (:meth:`~freeal.kinds.base.TaskKind.combine`), or the LLM's alone (``final_label: llm``),
+        or where the SLM learned too little of them, :meth:`_without_slm`'s."""
         cfg = self.loop_config
         rounds = [self._round(r) for r in (range(last + 1) if self.kind.weighs_every_round else [last])]
         rows, fits = rounds[-1]
@@ -612,13 +614,11 @@ class FreeAL:
         weight = final_slm_weight(cfg, kappa)
         # why the table lacks rows or the SLM's vote: shown under it (report.html, freeal run)
         notes = [ended] if ended else []
-        if weight != final_slm_weight(cfg, None):
-            self.say(f"final labels: the LLM's alone, the SLM reproduces them too weakly (kappa {kappa:.2f})")
-            notes.append(
-                f"The final labels are the LLM's alone: the SLM reproduces its answers too weakly to weigh "
-                f"in (kappa {kappa:.2f} < min_kappa {cfg.min_kappa})."
-            )
         final, confidence = self.kind.combine(self.items, rounds, weight)
+        rule: str = cfg.final_label
+        if weight != final_slm_weight(cfg, None):  # the SLM learned too little of the LLM's answers
+            final, confidence, rule, note = self._without_slm(rows, kappa, final, confidence)
+            notes.append(note)
         key = self.kind.answer_key
         write_jsonl_atomic(
             self._path("final") / "answers.jsonl",
@@ -630,7 +630,7 @@ class FreeAL:
         llm = [row[key] for row in rows]
         result: dict = {
             "round": last,
-            "rule": cfg.final_label,
+            "rule": rule,
             "slm_weight": weight,
             "kappa": kappa,
             "changed_from_llm": sum(a != b for a, b in zip(final, llm, strict=True)),
@@ -643,6 +643,52 @@ class FreeAL:
             result["fixed"] = int((after & ~before).sum())
             result["broken"] = int((before & ~after).sum())
         return result
+
+    def _without_slm(
+        self, rows: list[dict], kappa: float | None, final: list[Any], confidence: list[Any]
+    ) -> tuple[list[Any], list[Any], str, str]:
+        """The final labels when the SLM reproduces the LLM's answers under ``min_kappa``: the LLM's
+        (``final``, ``confidence``), or with ``weak_labels: structure`` the vote of the texts'
+        clusters where it passes its tests (:mod:`freeal.structure`); with the rule and a note on why."""
+        cfg = self.loop_config
+        weak = (
+            f"the SLM reproduces its answers too weakly to weigh in "
+            f"(kappa {kappa:.2f} < min_kappa {cfg.min_kappa})"
+        )
+        found = (
+            self.kind.structure_vote(self.items, rows, self.slm_config)
+            if cfg.weak_labels == "structure"
+            else None
+        )
+        if found is not None and found[2].passed:
+            labels, scores, vote = found
+            self.say(
+                f"final labels: the texts' clusters' vote (SLM kappa {kappa:.2f}, "
+                f"check {vote.check_kappa:.2f}, with the LLM {vote.agreement:.2f})"
+            )
+            return (
+                labels,
+                scores,
+                "structure",
+                (
+                    f"The final labels are the vote of the texts' clusters over the LLM's answers: {weak}, "
+                    f"while the vote predicts the LLM's most distinctive answers held out (kappa "
+                    f"{vote.check_kappa:.3f} >= {MIN_CHECK_KAPPA}) and not its labels at large (kappa "
+                    f"{vote.agreement:.3f} < {MAX_AGREEMENT}): those follow a bias."
+                ),
+            )
+        self.say(f"final labels: the LLM's alone, the SLM reproduces them too weakly (kappa {kappa:.2f})")
+        declined = ""
+        if found is not None:
+            vote = found[2]
+            declined = (
+                f" The texts' clusters predict the LLM's most distinctive answers too weakly to replace "
+                f"them (kappa {vote.check_kappa:.3f} < {MIN_CHECK_KAPPA})."
+                if vote.check_kappa < MIN_CHECK_KAPPA
+                else f" The texts' clusters' vote agrees with the LLM's labels (kappa "
+                f"{vote.agreement:.3f} >= {MAX_AGREEMENT}): it would only blur them."
+            )
+        return final, confidence, cfg.final_label, f"The final labels are the LLM's alone: {weak}.{declined}"
 
     # -- the end ----------------------------------------------------------------------------------
     def _finish(self) -> pd.DataFrame:

@@ -25,6 +25,10 @@ BINS = 20  # confidence histograms: equal-width bins over [0, 1]
 EXAMPLES = 10  # texts per "check first" table
 
 
+#: what made the final labels, by ``final/step.json``'s ``rule``
+FINAL_RULES = {"combined": "LLM + SLM", "structure": "texts' clusters"}
+
+
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -292,7 +296,7 @@ def rows(report: dict) -> list[list[str]]:
         slm = report.get("deployed_slm") or {}
         stages.append(
             {
-                "stage": f"final ({'LLM + SLM' if final['rule'] == 'combined' else 'LLM'})",
+                "stage": f"final ({FINAL_RULES.get(final['rule'], 'LLM')})",
                 "changed": str(final["changed_from_llm"]),
                 **({"SLM s": f"{slm['seconds']:.0f}"} if slm else {}),
                 "labels acc./F1": _acc(final.get("metrics")),

@@ -23,6 +23,7 @@ import numpy as np
 
 from freeal.config import Calibration, LoopConfig, SLMConfig
 from freeal.llm.cache import CachedAnnotator
+from freeal.structure import StructureVote
 from freeal.tasks import Task
 
 #: Item positions and the demonstrations (JSON rows of the kind) they are shown.
@@ -214,6 +215,16 @@ class TaskKind(ABC):
         of every round's opinions)."""
         rows = rounds[-1][0]
         return [r[self.answer_key] for r in rows], [r.get("confidence") for r in rows]
+
+    def structure_vote(
+        self, items: Any, rows: Sequence[dict], cfg: SLMConfig
+    ) -> tuple[list[Any], list[float], StructureVote] | None:
+        """Answers from the items' own structure, for final labels when the LLM's answers carry too
+        little signal for the SLM to learn (kappa under ``min_kappa``; :mod:`freeal.structure`):
+        each item's answer and confidence, and the vote itself, whose gold-free tests decide whether
+        it is used. ``None``: this kind has no such vote (NER: an entity's type is already voted
+        across the sentences where its mention recurs)."""
+        return None
 
     @abstractmethod
     def corrected(self, row: dict, fix: dict) -> dict:

@@ -29,6 +29,7 @@ from freeal.extras import require
 from freeal.kinds.base import Answers, Group, SLMFit, TaskKind
 from freeal.llm.cache import CachedAnnotator
 from freeal.metrics import classification_report
+from freeal.structure import StructureVote, structure_vote
 
 
 def slm_class(mode: str) -> Any:
@@ -252,6 +253,29 @@ class Classification(TaskKind):
             final.append(names[best])
             confidence.append(float(score[best]))
         return final, confidence
+
+    def structure_vote(
+        self, items: Items, rows: Sequence[dict], cfg: SLMConfig
+    ) -> tuple[list[Any], list[float], StructureVote] | None:
+        """The cluster vote of :mod:`freeal.structure` over the SLM encoder's sentence vectors (mpnet
+        by default: sentiment clusters there, not in MiniLM's space) of the LLM's probabilities."""
+        require("torch", "sentence_transformers", what="the structure vote")
+        from freeal.embed import Embedder, encoder_path, torch_device
+
+        names = self.task.label_names
+        answered = np.asarray([isinstance(r.get("probs"), dict) for r in rows])
+        if answered.sum() < 2 * len(names):
+            return None
+        proba = np.asarray(
+            [
+                [r["probs"][n] for n in names] if ok else [1 / len(names)] * len(names)
+                for r, ok in zip(rows, answered, strict=True)
+            ],
+            dtype=np.float64,
+        )
+        embedder = Embedder(encoder_path(self.with_backbone(cfg).backbone), device=torch_device(cfg.device))
+        found = structure_vote(embedder.encode(items.texts), proba, answered)
+        return [names[i] for i in found.labels], found.confidence.tolist(), found
 
     def load_model(self, folder: Path, device: str) -> Any:
         import json
