@@ -242,11 +242,12 @@ class LoopConfig(BaseModel):
     300 and 500 texts, and a near-chance annotator's SLM 2.4 on SST-2; NER 0.2; BENCHMARKS.md).
     ``weak_labels``: the final labels when the SLM reproduces the LLM's last answers under
     ``min_kappa``: ``structure`` (a classifier's texts take the label their clusters lean to, the
-    LLM's probabilities averaged within k-means clusters of the SLM encoder's vectors, when that vote
-    predicts the LLM's most distinctive answers held out with a kappa of at least 0.5; else the
-    LLM's answers) or ``llm`` (the LLM's answers alone). With SmolLM2-135M as the annotator the vote
-    took SST-2 and MR from 0.54-0.58 to 0.77-0.84 and declined TREC, where it would have lost
-    (:mod:`freeal.structure`, BENCHMARKS.md). NER has no such vote.
+    LLM's probabilities averaged within k-means clusters of the SLM encoder's vectors, when that
+    vote predicts the LLM's most distinctive answers held out with a kappa of at least 0.5 and
+    agrees with its labels at large under 0.2; else the LLM's answers) or ``llm`` (the LLM's
+    answers alone). With SmolLM2-135M as the annotator the vote took SST-2 and MR from 0.51-0.58
+    to 0.77-0.84 and declined TREC, where it would have lost (:mod:`freeal.structure`,
+    BENCHMARKS.md). NER has no such vote.
     ``deployed_slm``: the SLM handed back (``slm_``): ``final_labels`` trains it once more on the
     final labels (``final/slm``; one more SLM training, skipped when they are the last round's
     answers), ``last_round`` keeps the last round's, which learned the LLM's last answers. On the

@@ -6,8 +6,9 @@ texts that sit together in embedding space, the bias cancels out and the weak si
 text takes the label whose probability is highest in its cluster *relative to the whole set*
 (the cluster's mean probability minus the overall mean). Sentiment clusters in the SLM's
 (all-mpnet-base-v2) space, so on SST-2 and MR with SmolLM2-135M as the annotator this vote labels
-0.77–0.84 of the texts right where its answers were 0.54–0.58 right (BENCHMARKS.md, "An annotator
-near chance"); question types do not, and there the vote is worse than the answers.
+0.77–0.84 of the texts right where its answers were 0.51–0.58 right (BENCHMARKS.md, "The texts'
+clusters' vote for a near-chance annotator"); question types do not, and there the vote is worse
+than the answers.
 
 So the vote must pass two tests that read no gold before it replaces the answers:
 - it must predict the LLM's own most *distinctive* answers (per label, the texts whose probability
