@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from freeal.config import LoopConfig, SLMConfig
+from freeal.data import read_jsonl
 from freeal.llm.cache import CachedAnnotator, CallCache
 from freeal.loop import FreeAL
 from freeal.structure import MAX_AGREEMENT, MIN_CHECK_KAPPA, anchors, structure_vote
@@ -125,6 +126,9 @@ def test_a_run_whose_slm_cannot_learn_the_llm_takes_its_clusters_vote(weak_label
         page = (runner.run_dir / "report.html").read_text()
         assert html.escape("final (texts' clusters)") in page and html.escape(note) in page
         assert frame["label"].tolist() == truth
+        # clean/noisy then describes the final labels: the split the SLM to deploy made of them
+        split = read_jsonl(runner.run_dir / "final/slm/predictions.jsonl")
+        assert frame["clean"].tolist() == [p["clean"] for p in split]
         assert final["changed_from_llm"] == 16
     else:
         assert final["rule"] == "combined" and note.startswith("The final labels are the LLM's alone")

@@ -702,6 +702,11 @@ class FreeAL:
         frame = pd.DataFrame(
             {"id": self.items.ids, **self.kind.output(self.items, rows, fit_rows, final, confidence)}
         )
+        split = self._path("final/slm") / "predictions.jsonl"
+        if self._summary("final")["rule"] == "structure" and split.is_file():
+            # the loop's SLM split the LLM's labels, which the clusters' vote replaced: the split
+            # that describes the final labels is the one the SLM to deploy made of them
+            frame["clean"] = [bool(p["clean"]) for p in read_jsonl(split)]
         corrections = read_corrections(self._path(""))
         if corrections:  # a person's answers (freeal import) are the final labels where given
             frame = pd.DataFrame(apply_corrections(self.task, frame.to_dict("records"), corrections))
