@@ -246,7 +246,7 @@ class LoopConfig(BaseModel):
     vote predicts the LLM's most distinctive answers held out with a kappa of at least 0.5 and
     agrees with its labels at large under 0.2; else the LLM's answers) or ``llm`` (the LLM's
     answers alone). With SmolLM2-135M as the annotator the vote took SST-2 and MR from 0.51-0.58
-    to 0.77-0.84 and declined TREC, where it would have lost (:mod:`freeal.structure`,
+    to 0.76-0.84 and declined TREC, where it would have lost (:mod:`freeal.structure`,
     BENCHMARKS.md). NER has no such vote.
     ``deployed_slm``: the SLM handed back (``slm_``): ``final_labels`` trains it once more on the
     final labels (``final/slm``; one more SLM training, skipped when they are the last round's
