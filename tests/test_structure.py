@@ -131,5 +131,7 @@ def test_a_run_whose_slm_cannot_learn_the_llm_takes_its_clusters_vote(weak_label
         assert frame["clean"].tolist() == [p["clean"] for p in split]
         assert final["changed_from_llm"] == 16
     else:
-        assert final["rule"] == "combined" and note.startswith("The final labels are the LLM's alone")
+        assert final["rule"] == "llm" and note.startswith("The final labels are the LLM's alone")
+        page = (runner.run_dir / "report.html").read_text()
+        assert html.escape("final (LLM)") in page
         assert frame["label"].tolist() == frame["llm_label"].tolist()

@@ -649,7 +649,8 @@ class FreeAL:
     ) -> tuple[list[Any], list[Any], str, str]:
         """The final labels when the SLM reproduces the LLM's answers under ``min_kappa``: the LLM's
         (``final``, ``confidence``), or with ``weak_labels: structure`` the vote of the texts'
-        clusters where it passes its tests (:mod:`freeal.structure`); with the rule and a note on why."""
+        clusters where it passes its tests (:mod:`freeal.structure`); with the rule that made them
+        (``llm``, ``structure``: the report's table names it) and a note on why."""
         cfg = self.loop_config
         weak = (
             f"the SLM reproduces its answers too weakly to weigh in "
@@ -688,7 +689,7 @@ class FreeAL:
                 else f" The texts' clusters' vote agrees with the LLM's labels (kappa "
                 f"{vote.agreement:.3f} >= {MAX_AGREEMENT}): it would only blur them."
             )
-        return final, confidence, cfg.final_label, f"The final labels are the LLM's alone: {weak}.{declined}"
+        return final, confidence, "llm", f"The final labels are the LLM's alone: {weak}.{declined}"
 
     # -- the end ----------------------------------------------------------------------------------
     def _finish(self) -> pd.DataFrame:
