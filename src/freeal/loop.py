@@ -695,8 +695,8 @@ class FreeAL:
     def _finish(self) -> pd.DataFrame:
         from freeal.report import collect, write_html
 
-        last = self._summary("final")["round"]
-        rows, fit_rows = self._round(last)
+        summary = self._summary("final")
+        rows, fit_rows = self._round(summary["round"])
         answers = read_jsonl(self._path("final") / "answers.jsonl")
         key = self.kind.answer_key
         final, confidence = [a[key] for a in answers], [a["confidence"] for a in answers]
@@ -704,7 +704,7 @@ class FreeAL:
             {"id": self.items.ids, **self.kind.output(self.items, rows, fit_rows, final, confidence)}
         )
         split = self._path("final/slm") / "predictions.jsonl"
-        if self._summary("final")["rule"] == "structure" and split.is_file():
+        if summary["rule"] == "structure" and split.is_file():
             # the loop's SLM split the LLM's labels, which the clusters' vote replaced: the split
             # that describes the final labels is the one the SLM to deploy made of them
             frame["clean"] = [bool(p["clean"]) for p in read_jsonl(split)]
@@ -720,7 +720,7 @@ class FreeAL:
         write_html(self.report_, self._path("report.html"))
         deployed = self._path("final/slm")
         if not (deployed / "model").exists():
-            deployed = self._path(f"round-{last}/slm")
+            deployed = self._path(f"round-{summary['round']}/slm")
         self.slm_path_ = deployed / "model"
         self.slm_ = self.kind.load_model(self.slm_path_, self.slm_config.device)
         self.labels_ = frame
