@@ -100,22 +100,27 @@ def probabilities(frame_probs, names: list[str]) -> np.ndarray:
 
 
 def ask(task: Task, items: Items, keep: Path, tag: str, ways: list[str]) -> None:
-    """The LLM's part: freeal's zero-shot answers (with hidden states) and the second prompt's."""
-    llamacpp.SharedPrefixScorer = HiddenStateScorer  # type: ignore[misc]
+    """The LLM's part: freeal's zero-shot answers (with hidden states) and the second prompt's; none
+    of it (not even loading the model) when the slice's arrays are kept."""
+    wanted = [way for way in ways if not (keep / f"{way}_{tag}.npz").exists()]
+    if not wanted:
+        return
+    if "hidden" in wanted:  # only then: llama.cpp outputs every token with embeddings on
+        llamacpp.SharedPrefixScorer = HiddenStateScorer  # type: ignore[misc]
     annotator = make_annotator(LLMConfig(cache_path=keep / "cache.sqlite"))
     names = task.label_names
     t = time.time()
     texts = items.texts
     frame = annotate(task, items, annotator, progress=False)
     p0 = probabilities(frame["probs"], names)
-    if "hidden" in ways and not (keep / f"hidden_{tag}.npz").exists():
+    if "hidden" in wanted:
         keys = [tuple(annotator.inner.render(classification_prompt(task, x))) for x in texts]
         missing = [x for x, k in zip(texts, keys, strict=True) if k not in HIDDEN]
         if missing:  # answered from the cache: scored again, past it, for their hidden states
             for _ in annotator.inner.score_many([classification_prompt(task, x) for x in missing], names):
                 pass
         np.savez(keep / f"hidden_{tag}.npz", hidden=np.stack([HIDDEN[k] for k in keys]), probs=p0)
-    if "variant" in ways and not (keep / f"variant_{tag}.npz").exists():
+    if "variant" in wanted:
         letters = list(string.ascii_uppercase[: len(names)])
         free = annotator.score_many([lettered_prompt(task, x) for x in CONTENT_FREE_INPUTS], letters)
         offsets = np.mean([log_softmax(a.scores) for _, a in free], axis=0).tolist()
@@ -147,22 +152,24 @@ def score(texts: list[str], gold: np.ndarray, keep: Path, tag: str, ways: list[s
         return acc(logp + w * np.log(slm + 1e-12))
 
     mpnet = Embedder(mpnet_path()).encode(texts)
+    arrays = {way: np.load(keep / f"{way}_{tag}.npz") for way in ways}
+    # both ways keep the same zero-shot answers (one annotate call on one cache)
+    p0 = arrays["hidden"]["probs"] if "hidden" in arrays else arrays["variant"]["p0"]
+    lp0, y = np.log(p0 + 1e-12), p0.argmax(1)
+    baseline: dict = {"zero_shot": acc(lp0)}
+    for c in (0.001, 0.01):
+        slm = crossfit(mpnet, y, c)
+        baseline[f"mpnet_C{c}"] = {
+            "slm": acc(np.log(slm + 1e-12)),
+            "x_slm^0.5": fused(lp0, slm, 0.5),
+            "x_slm^1": fused(lp0, slm, 1),
+        }
     out: dict = {}
     for way in ways:
-        arrays = np.load(keep / f"{way}_{tag}.npz")
-        p0 = arrays["probs"] if way == "hidden" else arrays["p0"]
-        lp0, y = np.log(p0 + 1e-12), p0.argmax(1)
-        res: dict = {"zero_shot": acc(lp0)}
-        for c in (0.001, 0.01):
-            slm = crossfit(mpnet, y, c)
-            res[f"mpnet_C{c}"] = {
-                "slm": acc(np.log(slm + 1e-12)),
-                "x_slm^0.5": fused(lp0, slm, 0.5),
-                "x_slm^1": fused(lp0, slm, 1),
-            }
+        res = dict(baseline)
         if way == "hidden":
             for c in (0.001, 0.01, 0.1):
-                slm = crossfit(arrays["hidden"], y, c)
+                slm = crossfit(arrays["hidden"]["hidden"], y, c)
                 res[f"hidden_C{c}"] = {
                     "slm": acc(np.log(slm + 1e-12)),
                     "agreement_with_llm": round(float((slm.argmax(1) == y).mean()), 4),
@@ -170,7 +177,7 @@ def score(texts: list[str], gold: np.ndarray, keep: Path, tag: str, ways: list[s
                     "x_slm^1": fused(lp0, slm, 1),
                 }
         else:
-            lp1 = np.log(arrays["p1"] + 1e-12)
+            lp1 = np.log(arrays["variant"]["p1"] + 1e-12)
             both = lp0 + 0.5 * lp1
             apart = y != lp1.argmax(1)
             res["variant"] = acc(lp1)
