@@ -154,6 +154,16 @@ def test_grouping_above_threshold_of_identical_vectors_still_splits() -> None:
     assert np.array_equal(np.concatenate([m for m, _ in groups]), np.arange(n))
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_grouping_above_threshold_splits_a_block_of_copies_into_groups_of_group_size() -> None:
+    """Many copies of one text among other texts: the part they fall in is grouped by position too."""
+    n, copies = demos_module.EXACT_GROUPING_MAX + 4_000, 1_000
+    items = np.vstack([clustered_vectors(n - copies, 400, seed=5), np.tile(unit_vectors(1, 0), (copies, 1))])
+    groups = demonstration_groups(items, unit_vectors(10, 1), ["a", "b"] * 5, k=2, group_size=32)
+    assert max(int((m >= n - copies).sum()) for m, _ in groups) <= 32
+    assert np.array_equal(np.sort(np.concatenate([m for m, _ in groups])), np.arange(n))
+
+
 @pytest.mark.parametrize("seed", [0, 7])
 def test_medoid_pool_below_threshold_is_identical_to_the_old_code(seed: int) -> None:
     rng = np.random.default_rng(seed)

@@ -328,14 +328,14 @@ def _split_and_group(vectors: np.ndarray, group_size: int, seed: int) -> np.ndar
     n = len(vectors)
     if n <= group_size:
         return np.zeros(n, dtype=np.int64)
-    if n <= 2 * LEAF_GROUPS * group_size:
-        return _exact_groups(vectors, group_size, seed).astype(np.int64)
     by_position = np.arange(n, dtype=np.int64) // group_size
     if not np.ptp(vectors, axis=0).any():
-        # identical vectors: any grouping is as good. Checked, not left to k-means: scikit-learn
-        # 1.9's mini-batch k-means splits them into parts of arbitrary size, its exact k-means then
-        # leaves each part one group of hundreds
+        # identical vectors (a whole set, or a part of one: many copies of a text): any grouping is
+        # as good. Checked at every depth, not left to k-means: scikit-learn 1.9's mini-batch k-means
+        # splits them into parts of arbitrary size, and exact k-means leaves such a part one group
         return by_position
+    if n <= 2 * LEAF_GROUPS * group_size:
+        return _exact_groups(vectors, group_size, seed).astype(np.int64)
     n_parts = min(SPLIT_FANOUT, math.ceil(n / (LEAF_GROUPS * group_size)))
     splitter = MiniBatchKMeans(n_clusters=n_parts, batch_size=SPLIT_BATCH, n_init=3, random_state=seed)
     parts = _positions_by_id(splitter.fit_predict(vectors))
