@@ -130,8 +130,9 @@ def kills(n_kills: int, limit: int, seed: int, quick: bool = False, max_delay: f
     ``max_delay`` is raised to 1.25 times the uninterrupted run's time where that is longer: an
     attempt that resumes a finished-but-for-the-end run still pays the start-up (imports, model,
     report), and on a machine where that alone outlasts ``max_delay`` no attempt could ever finish
-    (10 s against 9 on a 2-core AMD EPYC with torch 2.13). ``MAX_ATTEMPTS`` per trial turns
-    any other never-ending trial into an error instead of a hang."""
+    (10 s against 9 on a 2-core AMD EPYC with torch 2.13). A trial's first delay is drawn within
+    the uninterrupted run's time, so no trial goes unkilled. ``MAX_ATTEMPTS`` per trial turns any
+    other never-ending trial into an error instead of a hang."""
     rng = random.Random(seed)
     scratch = Path(tempfile.mkdtemp(prefix="freeal-faults-"))
     reference = scratch / "reference"
@@ -153,7 +154,10 @@ def kills(n_kills: int, limit: int, seed: int, quick: bool = False, max_delay: f
         while not finished:
             if len(delays) == MAX_ATTEMPTS:
                 raise SystemExit(f"trial {len(trials) + 1}: {MAX_ATTEMPTS} attempts killed: {delays} s")
-            finished, seconds = attempt(folder, limit, quick, rng.uniform(1.0, max_delay))
+            # a trial's first kill lands within the uninterrupted run's time, so every trial is
+            # killed at least once; later ones may outlast the rest of the run, so it can finish
+            bound = max_delay if delays else min(max_delay, reference_seconds)
+            finished, seconds = attempt(folder, limit, quick, rng.uniform(1.0, bound))
             if not finished:
                 delays.append(round(seconds, 2))
         calls = (folder / "calls.log").read_text().split()
