@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 PYTEST = [sys.executable, "-m", "pytest", "-q"]
-# attempts of one trial killed before it counts as never finishing (a trial of the benchmark took
-# 5-10 kills, each delay up to 1.25 uninterrupted runs)
+# attempts of one trial killed before it counts as never finishing (trials have taken 1-10 kills:
+# 5-10 with every delay within 12 s, 1-2 with delays spread over the whole run)
 MAX_ATTEMPTS = 60
 
 
