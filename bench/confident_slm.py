@@ -4,9 +4,10 @@ For finished run folders of ``bench/quality.py``: the run's final labels and the
 train logistic regressions on the same standardized mpnet layer means and C as the ``linear`` SLM
 handed back, with every label weighing 1 ("all": the handed-back SLM's test accuracy again), weighed
 by confidence, by confidence above chance, or only the most confident 80% / 60%. Gold only to
-score, on the test set (``--test-limit`` random test texts, seed 0 as the protocol draws them).
+score, on the test set (``--test-limit`` random test texts, drawn with ``--seed`` as the protocol
+draws a slice's test texts with its seed). The data set is the one the run's ``run.json`` names.
 
-    python bench/confident_slm.py --run DIR/default_mr_1000_s0 --dataset mr --test-limit 100000 \
+    python bench/confident_slm.py --run DIR/default_mr_1000_s0 --test-limit 100000 \
         --out bench/results/confident_slm.json
 """
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 
-def probe(run: Path, dataset: str, test_limit: int, seed: int) -> dict:
+def probe(run: Path, test_limit: int, seed: int) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from freeal.data import read_items
@@ -30,6 +31,7 @@ def probe(run: Path, dataset: str, test_limit: int, seed: int) -> dict:
     from freeal.slm.linear import C
     from freeal.tasks import load_task
 
+    dataset = json.loads((run / "run.json").read_text())["task"]["name"]
     rows = [json.loads(line) for line in (run / "labels.jsonl").read_text().splitlines()]
     lines = (DATA / dataset / "train.jsonl").read_text().splitlines()
     train = [json.loads(lines[int(r["id"])]) for r in rows]
@@ -73,15 +75,11 @@ def probe(run: Path, dataset: str, test_limit: int, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, nargs="+", required=True)
-    parser.add_argument("--dataset", nargs="+", required=True, help="one per run")
     parser.add_argument("--test-limit", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0, help="the protocol's test draw")
+    parser.add_argument("--seed", type=int, default=0, help="the runs' slice seed (their test draw)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if len(args.dataset) != len(args.run):
-        parser.error("one --dataset per --run")
-    pairs = zip(args.run, args.dataset, strict=True)
-    results = [probe(run, d, args.test_limit, args.seed) for run, d in pairs]
+    results = [probe(run, args.test_limit, args.seed) for run in args.run]
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
