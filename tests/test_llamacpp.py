@@ -136,14 +136,15 @@ def test_shared_prefix_is_evaluated_once(smollm2):
 
 def test_greedy_answers_under_a_grammar_are_llama_cpps_own(smollm2, data_dir):
     """freeal checks the grammar on the best token first (llama-cpp-python's chain runs it over the
-    whole vocabulary at every step): the answers must be the chain's, token for token. Real NER
-    prompts and grammars, some cut off by ``max_tokens``, and one grammar that refuses whatever the
-    model would say first, so the pass over the whole vocabulary is taken too."""
+    whole vocabulary at every step): the answers must be the chain's, token for token, except that
+    freeal's stops at the first line the answer repeats, where the chain's loops on to
+    ``max_tokens``. Real NER prompts and grammars, and one grammar that refuses whatever the model
+    would say first, so the pass over the whole vocabulary is taken too."""
     import llama_cpp
 
     from freeal.data import read_sentences
     from freeal.llm.prompts import ner_prompt
-    from freeal.ner import answer_grammar, render
+    from freeal.ner import align, answer_grammar, parse_lines, render
 
     task = load_task(data_dir / "bc5cdr")
     sentences = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=5, seed=3).tokens
@@ -153,7 +154,8 @@ def test_greedy_answers_under_a_grammar_are_llama_cpps_own(smollm2, data_dir):
     grammars.append('root ::= "Zq" [0-9] [0-9]? "\\n"')
     found = list(smollm2.generate_many(prompts, max_tokens=48, temperature=0.0, seed=0, grammars=grammars))
     assert [i for i, _ in found] == list(range(len(prompts)))
-    for (_, answer), messages, grammar in zip(found, prompts, grammars, strict=True):
+    stopped = 0
+    for k, ((_, answer), messages, grammar) in enumerate(zip(found, prompts, grammars, strict=True)):
         chain = smollm2.llm.create_chat_completion(
             messages=messages,
             max_tokens=48,
@@ -161,10 +163,21 @@ def test_greedy_answers_under_a_grammar_are_llama_cpps_own(smollm2, data_dir):
             seed=0,
             grammar=llama_cpp.LlamaGrammar.from_string(grammar, verbose=False),
         )
-        assert answer.text == chain["choices"][0]["message"]["content"]
-        assert answer.completion_tokens == chain["usage"]["completion_tokens"]
+        text, tokens = chain["choices"][0]["message"]["content"], chain["usage"]["completion_tokens"]
+        lines = text.split("\n")[:-1]
+        repeat = next((k for k, line in enumerate(lines) if line in lines[:k]), None)
+        if repeat is None:
+            assert (answer.text, answer.completion_tokens) == (text, tokens)
+            continue
+        stopped += 1
+        assert answer.text == "".join(line + "\n" for line in lines[:repeat])
+        assert answer.completion_tokens < tokens
+        # the lines left out add no entity: the spans are those of the chain's whole answer
+        whole = text[: text.rfind("\n") + 1]
+        spans = [align(sentences[k], parse_lines(t, task.label_names)) for t in (answer.text, whole)]
+        assert spans[0] == spans[1]
     assert found[-1][1].text.startswith("Zq")
-    assert any(answer.completion_tokens == 48 for _, answer in found)  # one cut off by max_tokens
+    assert stopped >= 1
 
 
 def load_task_like_sst2() -> Task:

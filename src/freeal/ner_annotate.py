@@ -106,8 +106,9 @@ def annotate_sentences(
     for j, answer in answers.items():
         text = answer.text
         if grammar and not text.rstrip().endswith(END):
-            # cut off by max_tokens (a small model can list entities until it runs out): every
-            # complete line is valid under the grammar, so keep those and drop the partial one
+            # cut off by max_tokens, or where a greedy answer began to repeat its lines (a small model
+            # can list entities until it runs out): every complete line is valid under the grammar,
+            # so keep those and drop the partial one
             out.truncated += 1
             text = text[: text.rfind("\n") + 1]
         try:

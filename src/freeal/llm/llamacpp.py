@@ -192,7 +192,12 @@ class LlamaCppAnnotator:
         decoding (BENCHMARKS.md, NER generation). A greedy pick needs only the best token the grammar
         allows, so the most likely token is checked alone, and the vocabulary goes through the
         grammar only when that token is refused (llama.cpp's own sampler does the same). Ties go to
-        the lowest token id in both ways, so the answer is the same token for token."""
+        the lowest token id in both ways, so the answer is the same token for token, up to the rule below.
+
+        The answer ends where it writes a line it has already written (that line left out): a
+        greedy answer that repeats a line has fallen into a loop, which runs to ``max_tokens``
+        (SmolLM2 did so on 15 of 16 BC5CDR sentences, the 1.5B on 1-4 of 300), and for a
+        line-per-item answer such as NER's entity lists the repeat adds nothing."""
         llm = self.llm
         vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
         n_vocab = llm.n_vocab()
@@ -217,6 +222,12 @@ class LlamaCppAnnotator:
                     break
                 llama_cpp.llama_sampler_accept(checker, token)
                 answer.append(token)
+                if b"\n" in llm.detokenize([token]):
+                    lines = llm.detokenize(answer).split(b"\n")[:-1]
+                    if len(set(lines)) < len(lines):
+                        first = next(k for k, line in enumerate(lines) if line in lines[:k])
+                        text = b"".join(line + b"\n" for line in lines[:first])
+                        return text.decode("utf-8", errors="ignore"), len(answer)
                 llm.eval([token])
         finally:
             llama_cpp.llama_sampler_free(checker)

@@ -19,7 +19,7 @@ from the first at prediction).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -115,15 +115,15 @@ class SLMTagger(RobustTrainer):
     def _losses(self, sentences: list[list[str]], tags: list[list[str]]) -> list[np.ndarray]:
         """Per-word cross-entropy against the given tags, un-augmented (eval mode)."""
         self.net.eval()
-        out = []
+        out: list[np.ndarray] = [np.empty(0)] * len(sentences)
         with torch.no_grad():
-            for start in range(0, len(sentences), 64):
-                batch, firsts = self._encode(sentences[start : start + 64])
+            for idx in _by_length(sentences):
+                batch, firsts = self._encode([sentences[i] for i in idx])
                 logits = self.net(batch)
-                y = self._targets(tags[start : start + 64], firsts, logits.shape[1])
+                y = self._targets([tags[i] for i in idx], firsts, logits.shape[1])
                 loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none", ignore_index=-100)
-                for b, first in enumerate(firsts):
-                    out.append(np.asarray([loss[b, p].item() for p in first if p >= 0]))
+                for b, (i, first) in enumerate(zip(idx, firsts, strict=True)):
+                    out[i] = np.asarray([loss[b, p].item() for p in first if p >= 0])
         return out
 
     def fit(
@@ -256,20 +256,18 @@ class SLMTagger(RobustTrainer):
 
     def _predict(self, sentences: Sequence[Sequence[str]]) -> tuple[list[list[str]], np.ndarray]:
         self.net.eval()
-        out: list[list[str]] = []
-        confidence = []
+        out: list[list[str]] = [[] for _ in sentences]
+        confidence = np.ones(len(sentences))
         with torch.no_grad():
-            for start in range(0, len(sentences), 64):
-                chunk = [list(s) for s in sentences[start : start + 64]]
-                batch, firsts = self._encode(chunk)
+            for idx in _by_length(sentences):
+                batch, firsts = self._encode([list(sentences[i]) for i in idx])
                 proba = F.softmax(self.net(batch), -1).cpu().numpy()
-                for b, first in enumerate(firsts):
+                for b, (i, first) in enumerate(zip(idx, firsts, strict=True)):
                     rows = [proba[b, p] if p >= 0 else None for p in first]
-                    tags = [self.tags[int(r.argmax())] if r is not None else "O" for r in rows]
-                    out.append(repair_tags(tags))
+                    out[i] = repair_tags([self.tags[int(r.argmax())] if r is not None else "O" for r in rows])
                     tops = [float(r.max()) for r in rows if r is not None]
-                    confidence.append(float(np.mean(tops)) if tops else 1.0)
-        return out, np.asarray(confidence)
+                    confidence[i] = float(np.mean(tops)) if tops else 1.0
+        return out, confidence
 
     def predict(self, sentences: Sequence[Sequence[str]]) -> list[list[str]]:
         """IOB2 tags per sentence (an ``I-`` that continues nothing becomes ``B-``)."""
@@ -289,3 +287,12 @@ class SLMTagger(RobustTrainer):
     def _from_meta(cls, meta: dict, device: str) -> SLMTagger:
         saved = {"device": device, "backbone": meta["backbone"], "split_unit": meta["split_unit"]}
         return cls(meta["types"], SLMConfig(**{**meta["config"], **saved}))
+
+
+def _by_length(sentences: Sequence[Sequence[str]], size: int = 64) -> Iterator[list[int]]:
+    """Positions of ``sentences`` in batches of ``size``, shortest sentences first. A batch pads to
+    its longest sentence, so batching by length spares the encoder most of its padding where
+    nothing depends on which sentences share a batch (losses and predictions, not training)."""
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
