@@ -5,9 +5,10 @@ caches, one after another in one process: ``ngrams`` (today's grammar: ``Type: m
 a mention is one of the sentence's own n-grams), ``lines`` (the same line format, a mention any
 text on one line, aligned to the sentence afterwards), ``free`` (no grammar) and ``ngrams-chain``
 (the n-gram grammar through llama-cpp-python's own sampler chain, which runs the grammar over the
-whole vocabulary at every step: how freeal generated before it checked the best token first). Per way: seconds
-per sentence, generated tokens, answers cut off or unreadable, and entity F1 against gold (gold
-only scores).
+whole vocabulary at every step: how freeal generated before it checked the best token first, and
+before its answers ended at their first repeated line). Per way: seconds per sentence, generated
+tokens, answers cut off or unreadable, and entity F1 against gold (gold only scores); with both
+``ngrams`` ways, how many answers and how many sentences' spans are the same.
 
     python bench/ner_grammar.py --limit 60 --out bench/results/ner_grammar.json
 """
@@ -86,6 +87,7 @@ def main() -> None:
         "ways": {},
     }
     texts: dict[str, list[str]] = {}
+    spans_of: dict[str, list[list]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for way in args.ways:
             annotator = make_annotator(
@@ -120,6 +122,7 @@ def main() -> None:
                     mentions = []
                 spans, missed = align(tokens, mentions)
                 unaligned += missed
+                spans_of.setdefault(way, []).append(spans)
                 predicted.append(tags_from_spans(len(tokens), spans))
             report = ner_report(data.gold, predicted)
             result["ways"][way] = {
@@ -138,6 +141,9 @@ def main() -> None:
             if way.startswith("ngrams") and {"ngrams", "ngrams-chain"} <= set(texts):
                 same = sum(a == b for a, b in zip(texts["ngrams"], texts["ngrams-chain"], strict=True))
                 result["ngrams_answers_equal_to_chain"] = same
+                result["ngrams_spans_equal_to_chain"] = sum(
+                    a == b for a, b in zip(spans_of["ngrams"], spans_of["ngrams-chain"], strict=True)
+                )
             print(way, json.dumps(result["ways"][way]), flush=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -31,7 +31,7 @@ from freeal.ner import (
     tokenize,
 )
 from freeal.ner_annotate import annotate_sentences, generate_ner_demonstrations, parse_demo_blocks
-from freeal.slm.tagger import SLMTagger
+from freeal.slm.tagger import SLMTagger, similar_length_batches
 from freeal.tasks import load_task, task_from_dict
 from openai_server import FakeOpenAIServer
 
@@ -265,6 +265,24 @@ def test_tagger_learns_through_injected_noise_splits_it_off_and_reloads(data_dir
     assert f1 > 0.3, f1  # an all-O tagger scores 0
     tagger.save(tmp_path / "m")
     assert SLMTagger.load(tmp_path / "m", device="cpu").predict(test.tokens[:5]) == predicted[:5]
+
+
+def test_training_batches_hold_every_sentence_once_at_similar_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, 129, size=300).tolist()
+    used = np.setdiff1d(np.arange(300), [3, 50, 299])  # unlabeled sentences sit out
+    epoch = list(similar_length_batches(used, lengths, 16, rng))
+    assert sorted(np.concatenate(epoch).tolist()) == used.tolist()
+    assert all(1 <= len(b) <= 16 for b in epoch)
+
+    def padded(batches: list) -> int:  # what the encoder sees: each batch at its longest
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    shuffled = rng.permutation(used)
+    random = [shuffled[k : k + 16] for k in range(0, len(shuffled), 16)]
+    assert padded(epoch) < 0.75 * padded(random)
+    again = list(similar_length_batches(used, lengths, 16, rng))  # the next epoch: other batches
+    assert [b.tolist() for b in again] != [b.tolist() for b in epoch]
 
 
 def _noisy_bc5cdr(data_dir, n: int):  # type: ignore[no-untyped-def]

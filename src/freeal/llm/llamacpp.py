@@ -194,10 +194,11 @@ class LlamaCppAnnotator:
         grammar only when that token is refused (llama.cpp's own sampler does the same). Ties go to
         the lowest token id in both ways, so the answer is the same token for token, up to the rule below.
 
-        The answer ends where it writes a line it has already written (that line left out): a
-        greedy answer that repeats a line has fallen into a loop, which runs to ``max_tokens``
-        (SmolLM2 did so on 15 of 16 BC5CDR sentences, the 1.5B on 1-4 of 300), and for a
-        line-per-item answer such as NER's entity lists the repeat adds nothing."""
+        The answer ends where it writes a line for the third time (that copy left out): a greedy
+        answer that repeats its lines has fallen into a loop, which runs to ``max_tokens`` (SmolLM2
+        on 80 of 100 BC5CDR sentences); for an entity list the copies add nothing. Ending at the
+        first copy instead changed 2 of those 100 sentences' entities, where a line came back once
+        and a new one followed (none of the 1.5B's 300; BENCHMARKS.md, NER generation)."""
         llm = self.llm
         vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
         n_vocab = llm.n_vocab()
@@ -224,9 +225,9 @@ class LlamaCppAnnotator:
                 answer.append(token)
                 if b"\n" in llm.detokenize([token]):
                     lines = llm.detokenize(answer).split(b"\n")[:-1]
-                    if len(set(lines)) < len(lines):
-                        first = next(k for k, line in enumerate(lines) if line in lines[:k])
-                        text = b"".join(line + b"\n" for line in lines[:first])
+                    third = next((k for k, line in enumerate(lines) if lines[:k].count(line) == 2), None)
+                    if third is not None:
+                        text = b"".join(line + b"\n" for line in lines[:third])
                         return text.decode("utf-8", errors="ignore"), len(answer)
                 llm.eval([token])
         finally:
