@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -288,19 +289,13 @@ def test_training_batches_hold_every_sentence_once_at_similar_lengths():
 def _noisy_bc5cdr(data_dir, n: int):  # type: ignore[no-untyped-def]
     """``n`` BC5CDR train sentences with 40% of those holding entities corrupted as an LLM might:
     entities dropped or their types swapped (task, sentences, noisy tags, corrupted mask)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from tagger_batches import corrupted  # the benchmark of the tagger's batches uses the same noise
+
     task = load_task(data_dir / "bc5cdr")
     train = read_sentences(data_dir / "bc5cdr" / "train.jsonl", task=task, limit=n, seed=0)
-    rng = np.random.default_rng(0)
-    noisy_tags = []
-    corrupted = np.zeros(len(train), dtype=bool)
-    for k, tags in enumerate(train.gold):  # type: ignore[arg-type]
-        spans = spans_from_tags(tags)
-        if spans and rng.random() < 0.4:
-            corrupted[k] = True
-            swapped = [("Disease" if t == "Chemical" else "Chemical", a, b) for t, a, b in spans]
-            spans = [] if rng.random() < 0.5 else swapped
-        noisy_tags.append(tags_from_spans(len(tags), spans))
-    return task, train, noisy_tags, corrupted
+    noisy_tags, mask = corrupted(train.gold, seed=0)  # type: ignore[arg-type]
+    return task, train, noisy_tags, mask
 
 
 def test_linear_tagger_splits_injected_noise_on_held_out_losses_and_reloads(data_dir, tmp_path):
