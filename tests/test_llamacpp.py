@@ -165,7 +165,7 @@ def test_greedy_answers_under_a_grammar_are_llama_cpps_own(smollm2, data_dir):
         )
         text, tokens = chain["choices"][0]["message"]["content"], chain["usage"]["completion_tokens"]
         lines = text.split("\n")[:-1]
-        repeat = next((k for k, line in enumerate(lines) if lines[:k].count(line) == 2), None)
+        repeat = next((j for j, line in enumerate(lines) if lines[:j].count(line) == 2), None)
         if repeat is None:
             assert (answer.text, answer.completion_tokens) == (text, tokens)
             continue
