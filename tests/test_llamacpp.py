@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -222,3 +225,26 @@ def test_label_texts_from_a_plain_list(tmp_path):
     assert set(frame["label"]) <= {"negative", "positive"}
     with pytest.raises(FreeALError, match="row 2: text is only whitespace"):
         label_texts(load_task_like_sst2(), ["ok", "  "], cfg, progress=False)
+
+
+def test_annotators_closed_or_left_alive_at_exit_are_freed_without_an_error(tmp_path):
+    """A script or notebook keeps its annotator in a global until the interpreter exits; llama.cpp's
+    memory must be freed then, while llama_cpp is still whole, the scoring context before the model.
+    One closed early (twice: the second close, and the exit, must do nothing) must not be freed again."""
+    script = tmp_path / "keep.py"
+    script.write_text(
+        "from freeal.llm.llamacpp import LlamaCppAnnotator\n"
+        "from freeal.llm.models import resolve_model\n"
+        "path, name = resolve_model('smollm2-135m')\n"
+        "ASK = [{'role': 'user', 'content': 'Yes or no?'}]\n"
+        "CLOSED = LlamaCppAnnotator(path, name=name, n_ctx=512)\n"
+        "CLOSED.score(ASK, ['yes', 'no'])\n"
+        "CLOSED.close()\n"
+        "CLOSED.close()\n"
+        "KEPT = LlamaCppAnnotator(path, name=name, n_ctx=512)\n"
+        "print(KEPT.score(ASK, ['yes', 'no']).label)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in {"yes", "no"}
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr, done.stderr

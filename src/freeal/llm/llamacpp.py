@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -65,7 +66,6 @@ class LlamaCppAnnotator:
         self.n_threads = n_threads or default_threads()
         self.n_ctx = n_ctx
         self.batch_tokens = batch_tokens
-        self._scorer: SharedPrefixScorer | None = None  # made at the first scoring call
         self.extra_buffers = checked_extra_buffers(path, extra_buffers, identity=name or "")
         self.llm = load_llama(
             path,
@@ -88,6 +88,15 @@ class LlamaCppAnnotator:
         self.identity = f"llamacpp:{name or path.name}"
         self.supports_grammar = True
         self._label_tokens: dict[str, list[int]] = {}
+        self._scorer = SharedPrefixScorer(self.llm, batch_tokens=batch_tokens, n_threads=self.n_threads)
+        # llama.cpp's memory is freed when the annotator goes, or at the interpreter's exit while
+        # llama_cpp is still whole (an object left to module teardown prints "Exception ignored"),
+        # and always the scoring context before the model whose weights it reads
+        self._release = weakref.finalize(self, _release_native, self._scorer, self.llm)
+
+    def close(self) -> None:
+        """Free the model and its scoring context now; the annotator cannot be used afterwards."""
+        self._release()
 
     def _token_text(self, token: int) -> str:
         return (
@@ -121,10 +130,6 @@ class LlamaCppAnnotator:
                     f"a prompt of {len(prompt)} tokens does not fit the model's context of {self.n_ctx} "
                     "tokens; raise n_ctx or shorten the texts"
                 )
-        if self._scorer is None:
-            self._scorer = SharedPrefixScorer(
-                self.llm, batch_tokens=self.batch_tokens, n_threads=self.n_threads
-            )
         for i, scores, evaluated in self._scorer.score(tokens, targets):
             best = int(np.argmax(scores))
             yield (
@@ -251,6 +256,11 @@ def _grammar_pass(checker: llama_cpp.llama_sampler_p, candidates: np.ndarray) ->
     return candidates
 
 
+def _release_native(scorer: SharedPrefixScorer, llm: llama_cpp.Llama) -> None:
+    scorer.close()
+    llm.close()
+
+
 class SharedPrefixScorer:
     """Scores many prompts per ``llama_decode`` in a context of its own, sharing the model's weights.
 
@@ -289,9 +299,6 @@ class SharedPrefixScorer:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
-
-    def __del__(self) -> None:
-        self.close()
 
     def _fit(self, longest: int) -> None:
         """A context whose sequences each hold ``longest`` tokens (made again only to grow)."""
