@@ -10,11 +10,7 @@ before its answers ended at their first repeated line). Per way: seconds per sen
 tokens, answers cut off or unreadable, and entity F1 against gold (gold only scores); with both
 ``ngrams`` ways, how many answers and how many sentences' spans are the same.
 
-``ngrams@W`` is ``ngrams`` with W answers written at once (``SharedPrefixScorer.GENERATE_SEQUENCES``;
-``ngrams@1`` one after another); every ``ngrams`` way after the first is compared with the first.
-
     python bench/ner_grammar.py --limit 60 --out bench/results/ner_grammar.json
-    python bench/ner_grammar.py --limit 100 --ways ngrams@1 ngrams@4 ngrams@8 --out ...
 """
 
 from __future__ import annotations
@@ -32,7 +28,6 @@ from freeal.config import LLMConfig
 from freeal.data import read_sentences
 from freeal.llm import make_annotator
 from freeal.llm.base import Generation
-from freeal.llm.llamacpp import SharedPrefixScorer
 from freeal.llm.native import cpu_name
 from freeal.llm.prompts import ner_prompt
 from freeal.metrics import ner_report
@@ -41,7 +36,6 @@ from freeal.tasks import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-DEFAULT_WIDTH = SharedPrefixScorer.GENERATE_SEQUENCES
 
 
 def lines_grammar(types: list[str]) -> str:
@@ -99,13 +93,11 @@ def main() -> None:
             annotator = make_annotator(
                 LLMConfig(model=args.model, cache_path=Path(scratch) / f"{way}.sqlite")
             )
-            kind, _, width = way.removesuffix("-chain").partition("@")
-            SharedPrefixScorer.GENERATE_SEQUENCES = int(width or DEFAULT_WIDTH)
             grammars = {
                 "ngrams": lambda: [answer_grammar(tokens, types) for tokens in data.tokens],
                 "lines": lambda: [lines_grammar(types)] * len(data),
                 "free": lambda: None,
-            }[kind]()  # ngrams-chain: the same grammars, another sampler
+            }[way.removesuffix("-chain")]()  # ngrams-chain: the same grammars, another sampler
             start = time.perf_counter()
             if way == "ngrams-chain":
                 answers = dict(enumerate(chain(annotator.inner.llm, prompts, grammars or [])))
@@ -146,14 +138,6 @@ def main() -> None:
                 "precision": report["precision"],
                 "recall": report["recall"],
             }
-            first = next((w for w in texts if w.startswith("ngrams")), way)
-            if way.startswith("ngrams") and way != first:
-                result["ways"][way]["answers_equal_to_" + first] = sum(
-                    a == b for a, b in zip(texts[way], texts[first], strict=True)
-                )
-                result["ways"][way]["spans_equal_to_" + first] = sum(
-                    a == b for a, b in zip(spans_of[way], spans_of[first], strict=True)
-                )
             if way.startswith("ngrams") and {"ngrams", "ngrams-chain"} <= set(texts):
                 same = sum(a == b for a, b in zip(texts["ngrams"], texts["ngrams-chain"], strict=True))
                 result["ngrams_answers_equal_to_chain"] = same

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -113,14 +113,6 @@ class LlamaCppAnnotator:
             self._label_tokens[label] = self.llm.tokenize(label.encode("utf-8"), add_bos=False, special=False)
         return self._label_tokens[label]
 
-    def _check_fits(self, prompts: list[list[int]], answer_tokens: int) -> None:
-        for prompt in prompts:
-            if len(prompt) + answer_tokens > self.n_ctx:
-                raise FreeALError(
-                    f"a prompt of {len(prompt)} tokens does not fit the model's context of {self.n_ctx} "
-                    "tokens; raise n_ctx or shorten the texts"
-                )
-
     def score(self, messages: list[Message], labels: Sequence[str]) -> LabelScores:
         return next(self.score_many([messages], labels))[1]
 
@@ -131,7 +123,13 @@ class LlamaCppAnnotator:
         answers come in the prompts' order, each as soon as its batch is decoded."""
         tokens = [self.render(m) for m in prompts]
         targets = [self.label_tokens(lab) for lab in labels]
-        self._check_fits(tokens, max(len(t) for t in targets))
+        longest = max(len(t) for t in targets)
+        for prompt in tokens:
+            if len(prompt) + longest > self.n_ctx:
+                raise FreeALError(
+                    f"a prompt of {len(prompt)} tokens does not fit the model's context of {self.n_ctx} "
+                    "tokens; raise n_ctx or shorten the texts"
+                )
         for i, scores, evaluated in self._scorer.score(tokens, targets):
             best = int(np.argmax(scores))
             yield (
@@ -156,22 +154,7 @@ class LlamaCppAnnotator:
         """Sampled chat answers under the model's own chat template; the same prompt and seed give the
         same answer, so a resumed run that lost its cache would write the same demonstrations.
         With ``grammars``, llama.cpp samples only tokens the prompt's grammar allows; greedy answers
-        under a grammar (``temperature`` 0, NER's entity lists) are written many at once, in the
-        order they end (:meth:`SharedPrefixScorer.greedy`)."""
-        if grammars is not None and temperature == 0:
-            tokens = [self.render(m) for m in prompts]
-            self._check_fits(tokens, 1)
-            parsed = [llama_cpp.LlamaGrammar.from_string(g, verbose=False) for g in grammars]
-            for i, answer, evaluated in self._scorer.greedy(tokens, parsed, max_tokens, self._ends):
-                text = self.llm.detokenize(answer)
-                third = _third_copy(text)
-                if third is not None:  # the copy left out: the answer reads as cut off
-                    text = b"".join(line + b"\n" for line in text.split(b"\n")[:third])
-                yield (
-                    i,
-                    Generation(text.decode("utf-8", errors="ignore"), len(tokens[i]), len(answer), evaluated),
-                )
-            return
+        under a grammar (``temperature`` 0, NER's entity lists) go through :meth:`_greedy_under_grammar`."""
         for i, messages in enumerate(prompts):
             grammar = (
                 llama_cpp.LlamaGrammar.from_string(grammars[i], verbose=False)
@@ -181,6 +164,10 @@ class LlamaCppAnnotator:
             # llama.cpp keeps the longest prefix it already holds: count only what it must evaluate
             prompt = self.render(messages)
             kept = min(common_prefix(self.llm.input_ids[: self.llm.n_tokens], prompt), len(prompt) - 1)
+            if grammar is not None and temperature == 0:
+                text, generated = self._greedy_under_grammar(prompt, kept, grammar, max_tokens)
+                yield i, Generation(text, len(prompt), generated, evaluated_tokens=len(prompt) - kept)
+                continue
             out = self.llm.create_chat_completion(
                 messages=list(messages),  # type: ignore[arg-type]
                 max_tokens=max_tokens,
@@ -199,21 +186,58 @@ class LlamaCppAnnotator:
                 ),
             )
 
-    def _ends(self, answer: list[int]) -> bool:
-        """A greedy answer ends where it writes a line for the third time (that copy left out): an
+    def _greedy_under_grammar(
+        self, prompt: list[int], kept: int, grammar: llama_cpp.LlamaGrammar, max_tokens: int
+    ) -> tuple[str, int]:
+        """The greedy answer under ``grammar`` and its token count, as llama-cpp-python's own sampler
+        chain gives it, found with far fewer grammar checks.
+
+        That chain runs the grammar over the whole vocabulary (152k tokens for Qwen) before every
+        greedy pick: constrained decoding cost the 1.5B about 40% more per generated token than free
+        decoding (BENCHMARKS.md, NER generation). A greedy pick needs only the best token the grammar
+        allows, so the most likely token is checked alone, and the vocabulary goes through the
+        grammar only when that token is refused (llama.cpp's own sampler does the same). Ties go to
+        the lowest token id in both ways, so the answer is the same token for token, up to the rule below.
+
+        The answer ends where it writes a line for the third time (that copy left out): a greedy
         answer that repeats its lines has fallen into a loop, which runs to ``max_tokens`` (SmolLM2
         on 80 of 100 BC5CDR sentences); for an entity list the copies add nothing. Ending at the
         first copy instead changed 2 of those 100 sentences' entities, where a line came back once
         and a new one followed (none of the 1.5B's 300; BENCHMARKS.md, NER generation)."""
-        if b"\n" not in self.llm.detokenize(answer[-1:]):
-            return False
-        return _third_copy(self.llm.detokenize(answer)) is not None
-
-
-def _third_copy(text: bytes) -> int | None:
-    """The index of the first complete line of ``text`` that two earlier lines equal, if any."""
-    lines = text.split(b"\n")[:-1]
-    return next((k for k, line in enumerate(lines) if lines[:k].count(line) == 2), None)
+        llm = self.llm
+        vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        n_vocab = llm.n_vocab()
+        llm.n_tokens = kept  # llm.eval drops the KV cells after the kept prefix
+        llm.eval(prompt[kept:])
+        checker = llama_cpp.llama_sampler_init_grammar(
+            vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+        )
+        one = np.zeros(1, dtype=_TOKEN_DATA)
+        every = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        ids = np.arange(n_vocab, dtype=np.intc)
+        answer: list[int] = []
+        try:
+            for _ in range(max_tokens):
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+                token = int(np.argmax(logits))
+                one["id"], one["logit"] = token, logits[token]
+                if not np.isfinite(_grammar_pass(checker, one)["logit"][0]):
+                    every["id"], every["logit"], every["p"] = ids, logits, 0.0
+                    token = int(np.argmax(_grammar_pass(checker, every)["logit"]))
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    break
+                llama_cpp.llama_sampler_accept(checker, token)
+                answer.append(token)
+                if b"\n" in llm.detokenize([token]):
+                    lines = llm.detokenize(answer).split(b"\n")[:-1]
+                    third = next((k for k, line in enumerate(lines) if lines[:k].count(line) == 2), None)
+                    if third is not None:
+                        text = b"".join(line + b"\n" for line in lines[:third])
+                        return text.decode("utf-8", errors="ignore"), len(answer)
+                llm.eval([token])
+        finally:
+            llama_cpp.llama_sampler_free(checker)
+        return llm.detokenize(answer).decode("utf-8", errors="ignore"), len(answer)
 
 
 #: llama.cpp's ``llama_token_data``: a candidate token, its logit and probability
@@ -252,8 +276,6 @@ class SharedPrefixScorer:
     measured here: 0.17 nats on the same text in two sequences), where split sequences score a text
     exactly as the model's main context does. A chunk ends at a prompt whose shared prefix is clearly
     shorter (a new demonstration group), so grouped prompts keep their long prefixes.
-
-    :meth:`greedy` writes answers under grammars (NER's entity lists) the same way, several at once.
     """
 
     #: a chunk goes on while the next prompt shortens the shared prefix by at most this many tokens
@@ -262,8 +284,6 @@ class SharedPrefixScorer:
     #: the most sequences, and the most KV cells over all of them (about 0.5 GB for the 1.5B)
     MAX_SEQUENCES = 32
     MAX_CELLS = 16384
-    #: answers written at once by :meth:`greedy`
-    GENERATE_SEQUENCES = 8
 
     def __init__(self, llm: llama_cpp.Llama, *, batch_tokens: int, n_threads: int) -> None:
         self.llm = llm
@@ -334,115 +354,6 @@ class SharedPrefixScorer:
                 else:
                     chunk = members
             yield from self._decode(prompts, chunk, targets)
-
-    def greedy(
-        self,
-        prompts: Sequence[list[int]],
-        grammars: Sequence[llama_cpp.LlamaGrammar],
-        max_tokens: int,
-        ends: Callable[[list[int]], bool],
-    ) -> Iterator[tuple[int, list[int], int]]:
-        """Per prompt, as each ends (its position first): the greedy answer's tokens under its
-        grammar, and how many prompt tokens were evaluated for it (its tail, plus any new prefix).
-
-        An answer ends at the end-of-generation token, at ``max_tokens``, or where ``ends`` says.
-        Up to ``GENERATE_SEQUENCES`` answers are written at once, one token of each per decode, over
-        one copy of their shared prefix: a decode step of one token per sequence costs less per token
-        with several sequences than with one (the 1.5B on a 2-core AMD EPYC: 54 against 75 ms), and
-        their tails are evaluated in one batch. An answer then depends a little on which others share
-        its steps (llama.cpp's kernels round otherwise at other batch sizes): 91 of 100 sentences kept
-        their entities against one at a time, at the same F1 (BENCHMARKS.md, NER generation)."""
-        self._fit(max(len(p) for p in prompts) + max_tokens)
-        for run in self._runs(prompts):
-            run.sort(key=lambda i: len(prompts[i]))
-            width = min(self.n_seq, self.GENERATE_SEQUENCES)
-            for start in range(0, len(run), width):
-                chunk = run[start : start + width]
-                try:
-                    yield from self._greedy_chunk(prompts, chunk, grammars, max_tokens, ends)
-                except BaseException:
-                    llama_cpp.llama_memory_clear(self.memory, True)
-                    self.held, self.synced = [], {0}
-                    raise
-
-    def _greedy_chunk(
-        self,
-        prompts: Sequence[list[int]],
-        chunk: list[int],
-        grammars: Sequence[llama_cpp.LlamaGrammar],
-        max_tokens: int,
-        ends: Callable[[list[int]], bool],
-    ) -> Iterator[tuple[int, list[int], int]]:
-        # The best token is checked against the grammar alone, and the vocabulary goes through the
-        # grammar only when that token is refused (llama.cpp's own sampler does the same): running
-        # the grammar over the whole vocabulary (152k tokens for Qwen) before every pick, as
-        # llama-cpp-python's sampler chain does, cost the 1.5B about 40% more per generated token.
-        # Ties go to the lowest token id, as in that chain.
-        chunk = sorted(chunk, key=lambda i: -len(prompts[i]))  # sequence 0 gets a whole prefix
-        if len(chunk) == 1:  # keep what the cache holds
-            prefix = min(len(prompts[chunk[0]]) - 1, common_prefix(self.held, prompts[chunk[0]]))
-        else:
-            prefix = min(_shared_prefix(prompts, chunk), len(prompts[chunk[-1]]) - 1)
-        new_prefix = self._hold(prompts[chunk[0]][:prefix], len(chunk))
-        vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
-        checkers = [
-            llama_cpp.llama_sampler_init_grammar(
-                vocab, grammars[i]._grammar.encode("utf-8"), grammars[i]._root.encode("utf-8")
-            )
-            for i in chunk
-        ]
-        one = np.zeros(1, dtype=_TOKEN_DATA)
-        every = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)
-        ids = np.arange(self.n_vocab, dtype=np.intc)
-        logits: dict[int, np.ndarray] = {}  # per member: the logits its next token is picked from
-        try:
-            tails = [
-                (token, prefix + k, r, prefix + k == len(prompts[i]) - 1)
-                for r, i in enumerate(chunk)
-                for k, token in enumerate(prompts[i][prefix:])
-            ]
-            for start in range(0, len(tails), self.batch_tokens):
-                piece = tails[start : start + self.batch_tokens]
-                self._run(piece)
-                logits.update((seq, self._logits(n)) for n, (_, _, seq, last) in enumerate(piece) if last)
-            answers: list[list[int]] = [[] for _ in chunk]
-            position = [len(prompts[i]) for i in chunk]
-            active = list(range(len(chunk)))
-            while active:
-                step: list[tuple[int, int, int, bool]] = []
-                for r in active:
-                    row = logits[r]
-                    token = int(np.argmax(row))
-                    one["id"], one["logit"] = token, row[token]
-                    if not np.isfinite(_grammar_pass(checkers[r], one)["logit"][0]):
-                        every["id"], every["logit"], every["p"] = ids, row, 0.0
-                        token = int(np.argmax(_grammar_pass(checkers[r], every)["logit"]))
-                    if llama_cpp.llama_vocab_is_eog(vocab, token):
-                        continue
-                    llama_cpp.llama_sampler_accept(checkers[r], token)
-                    answers[r].append(token)
-                    if len(answers[r]) < max_tokens and not ends(answers[r]):
-                        step.append((token, position[r], r, True))
-                        position[r] += 1
-                going = [seq for _, _, seq, _ in step]
-                for r in active:
-                    if r not in going:
-                        evaluated = len(prompts[chunk[r]]) - prefix + (new_prefix if r == 0 else 0)
-                        yield chunk[r], answers[r], evaluated
-                active = going
-                if step:
-                    self._run(step)
-                    logits = {seq: self._logits(n) for n, (_, _, seq, _) in enumerate(step)}
-        finally:
-            for checker in checkers:
-                llama_cpp.llama_sampler_free(checker)
-        if len(chunk) == 1:  # keep the whole prompt: the next one may share more than the prefix
-            whole = prompts[chunk[0]]
-            llama_cpp.llama_memory_seq_rm(self.memory, 0, len(whole), -1)
-            self.held, self.synced = list(whole), {0}
-            return
-        for seq in range(len(chunk)):  # drop the tails and answers, keep the prefix
-            llama_cpp.llama_memory_seq_rm(self.memory, seq, prefix, -1)
 
     def _runs(self, prompts: Sequence[list[int]]) -> list[list[int]]:
         """Consecutive prompts that share a prefix: a run ends where the next prompt shares clearly
@@ -587,13 +498,9 @@ class SharedPrefixScorer:
         if code != 0:
             raise FreeALError(f"llama.cpp could not decode a batch of {len(entries)} tokens (code {code})")
 
-    def _logits(self, index: int) -> np.ndarray:
-        """The logits at entry ``index`` of the last batch, copied (the next decode overwrites them)."""
-        raw = llama_cpp.llama_get_logits_ith(self.ctx, index)
-        return np.ctypeslib.as_array(raw, shape=(self.n_vocab,)).copy()
-
     def _logprobs(self, index: int) -> np.ndarray:
-        logits = self._logits(index).astype(np.float64)
+        raw = llama_cpp.llama_get_logits_ith(self.ctx, index)
+        logits = np.ctypeslib.as_array(raw, shape=(self.n_vocab,)).astype(np.float64)
         top = logits.max()
         return logits - (top + np.log(np.exp(logits - top).sum()))
 
