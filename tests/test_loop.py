@@ -37,6 +37,9 @@ LOOP = LoopConfig(
     min_change=0,
     min_kappa=-1.0,  # SmolLM2 is near chance: refine anyway, these tests check the plumbing
 )
+# the kills after the demonstration step: the same loop from zero-shot labels (SmolLM2 spends 65 of
+# the 85 s of a run with written demonstrations writing them)
+ZERO_SHOT = LOOP.model_copy(update={"initial_demos": "none"})
 STEPS = [
     "demos",
     "round-0/llm",
@@ -113,6 +116,15 @@ def finished(slice_, smollm2, tmp_path_factory):
     return loop, annotator, frame
 
 
+@pytest.fixture(scope="module")
+def finished_zero_shot(slice_, smollm2, tmp_path_factory):
+    task, items, test = slice_
+    base = tmp_path_factory.mktemp("loop-zero-shot")
+    loop, annotator = run(task, smollm2, base / "cache.sqlite", base / "run", loop=ZERO_SHOT)
+    frame = loop.fit(items, test=test)
+    return loop, annotator, frame
+
+
 def test_rounds_happen_and_every_step_is_written(finished):
     loop, annotator, frame = finished
     for step in STEPS:
@@ -183,19 +195,21 @@ def test_a_finished_run_is_returned_without_any_llm_call(finished, slice_, smoll
 def _calls_before(report: dict, step: str) -> int:
     order = [report["demos"], *(x for rd in report["rounds"] for x in (rd["llm"], rd["slm"]))]
     total = 0
-    for s in order:
+    for s in filter(None, order):  # no demos step in a zero-shot run
         if s["step"] == step:
             return total
         total += s.get("llm_usage", {}).get("calls", 0)
     raise AssertionError(step)
 
 
-# written demonstrations, a refinery pass, and a step boundary (the kill as an SLM step starts);
+# written demonstrations, a refinery pass, and a step boundary (the kill as an SLM step starts; these
+# two in a run from zero-shot labels);
 # a kill inside the initial round takes the refinery's path (one scoring pass), and random kills
 # anywhere are tests/test_faults.py's
 @pytest.mark.parametrize("step", ["demos", "round-0/slm", "round-1/llm"])
-def test_killed_run_resumes_without_repeating_llm_calls(step, finished, slice_, smollm2, tmp_path):
-    loop, full, frame = finished
+def test_killed_run_resumes_without_repeating_llm_calls(step, request, slice_, smollm2, tmp_path):
+    cfg, reference = (LOOP, "finished") if step == "demos" else (ZERO_SHOT, "finished_zero_shot")
+    loop, full, frame = request.getfixturevalue(reference)
     task, items, test = slice_
     cache, run_dir = tmp_path / "cache.sqlite", tmp_path / "run"
     if step.endswith("slm"):  # no LLM call inside: kill as the step starts
@@ -204,14 +218,14 @@ def test_killed_run_resumes_without_repeating_llm_calls(step, finished, slice_, 
             if message == f"step {step}":
                 raise KeyboardInterrupt("killed")
 
-        first, killed = run(task, smollm2, cache, run_dir, say=say)
+        first, killed = run(task, smollm2, cache, run_dir, loop=cfg, say=say)
     else:
         halfway = _calls_before(loop.report_, step) + 2
-        first, killed = run(task, Killer(smollm2, halfway), cache, run_dir)
+        first, killed = run(task, Killer(smollm2, halfway), cache, run_dir, loop=cfg)
     with pytest.raises(KeyboardInterrupt):
         first.fit(items, test=test)
     assert not (run_dir / "labels.jsonl").exists()
-    resumed, again = run(task, smollm2, cache, run_dir)
+    resumed, again = run(task, smollm2, cache, run_dir, loop=cfg)
     result = resumed.fit(items, test=test)
     assert killed.ledger.calls + again.ledger.calls == full.ledger.calls
     assert killed.ledger.calls > 0
