@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -289,7 +288,6 @@ def test_training_batches_hold_every_sentence_once_at_similar_lengths():
 def _noisy_bc5cdr(data_dir, n: int):  # type: ignore[no-untyped-def]
     """``n`` BC5CDR train sentences with 40% of those holding entities corrupted as an LLM might:
     entities dropped or their types swapped (task, sentences, noisy tags, corrupted mask)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from tagger_batches import corrupted  # the benchmark of the tagger's batches uses the same noise
 
     task = load_task(data_dir / "bc5cdr")

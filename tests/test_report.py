@@ -12,7 +12,6 @@ import base64
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -183,7 +182,6 @@ def test_the_page_is_self_contained_and_its_images_decode(with_gold):
 @pytest.mark.skipif(shutil.which("/usr/bin/chromium") is None, reason="no /usr/bin/chromium")
 def test_the_no_gold_page_renders_in_chromium_without_errors(no_gold, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from report_screenshot import ARGS, CHROMIUM, look
 
     with sync_api.sync_playwright() as pw:

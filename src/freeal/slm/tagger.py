@@ -20,6 +20,7 @@ from the first at prediction).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,17 +80,21 @@ class SLMTagger(RobustTrainer):
         self.net = _TagNet(encoder, encoder.config.hidden_size, len(self.tags)).to(self.device)
         self.backbone = path
 
-    def _encode(self, sentences: Sequence[Sequence[str]]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-        """Sub-word inputs and, per sentence, the position of each word's first sub-word (-1 where
-        the word was cut off by ``max_length``)."""
-        enc = self.tokenizer(
+    def _subwords(self, sentences: Sequence[Sequence[str]], **kwargs: Any) -> Any:
+        """The tokenizer's encoding of word-split sentences, cut where the encoder cuts them: the
+        training batches are sorted by these lengths, and must see what the encoder sees."""
+        return self.tokenizer(
             [list(s) for s in sentences],
             is_split_into_words=True,
             truncation=True,
             max_length=self.config.max_length * 2,
-            padding=True,
-            return_tensors="pt",
+            **kwargs,
         )
+
+    def _encode(self, sentences: Sequence[Sequence[str]]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """Sub-word inputs and, per sentence, the position of each word's first sub-word (-1 where
+        the word was cut off by ``max_length``)."""
+        enc = self._subwords(sentences, padding=True, return_tensors="pt")
         firsts = []
         for b, words in enumerate(sentences):
             first = [-1] * len(words)
@@ -148,12 +153,7 @@ class SLMTagger(RobustTrainer):
             raise FreeALError("no sentence has tags: the tagger has nothing to learn from")
         given = [list(t) if t is not None else ["O"] * len(w) for t, w in zip(tags, words, strict=True)]
         self._words, self._given, self._labeled = words, given, labeled
-        self._lengths = [
-            len(ids)
-            for ids in self.tokenizer(
-                words, is_split_into_words=True, truncation=True, max_length=cfg.max_length * 2
-            )["input_ids"]
-        ]
+        self._lengths = [len(ids) for ids in self._subwords(words)["input_ids"]]
         self._optimizer = torch.optim.AdamW(
             self.net.parameters(),
             lr=cfg.lr or 1e-4,
